@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests read real data from ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("XTALGEN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+# Keep W&B off the network and out of the user's account in every test.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def perov_val(shared_data) -> Path:
+    return shared_data / "perov_5" / "val.csv"
+
+
+@pytest.fixture(scope="session")
+def carbon_val(shared_data) -> Path:
+    return shared_data / "carbon_24" / "val.csv"

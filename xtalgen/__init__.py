@@ -1,0 +1,3 @@
+"""xtalgen: train diffusion models that generate inorganic crystals."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""Config of sampling and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = ""
+    out: str = "samples"
+    num_samples: int = 16
+    batch_size: int = 16
+    num_steps: int = 1000  # MatterGen default
+    corrector_steps: int = 1
+    coord_snr: float = 0.4  # MatterGen Langevin corrector
+    lattice_snr: float = 0.2
+    guidance_scale: float = 1.0  # classifier-free guidance gamma; 1 = conditional only
+    num_atoms: int = 0  # 0 = drawn from the training histogram
+    conditions: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    potential: str = "chgnet"
+    relax: bool = True
+    relax_steps: int = 500
+    relax_fmax: float = 0.05
+    stability_threshold: float = 0.1  # eV/atom above hull
+    ltol: float = 0.2  # StructureMatcher, MatterGen settings
+    stol: float = 0.3
+    angle_tol: float = 5.0
+    workers: int = 1

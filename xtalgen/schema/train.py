@@ -1,0 +1,49 @@
+"""Config of training: DeepSpeed engine, optimisation, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # MatterGen
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.5  # MatterGen
+    scheduler: str = "plateau"  # plateau | constant | cosine
+    plateau_factor: float = 0.6  # MatterGen
+    plateau_patience: int = 100
+    warmup_steps: int = 0
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "xtalgen"
+    entity: str = ""
+    mode: str = "auto"  # auto (offline without key/network) | online | offline | disabled
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    max_steps: int = 1000
+    global_batch_structures: int = 512  # MatterGen: 2 nodes x 8 GPUs x 32
+    micro_batch_structures: int = 32
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_param: str = "none"
+    ema_decay: float = 0.999
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str = "none"  # none | auto | PATH
+    seed: int = 0
+    debug: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Periodic sampling with SUN metrics during training (0 = off).
+    sample_every: int = 0
+    sample_count: int = 16
