@@ -21,6 +21,8 @@ class ReaderConfig:
     # Input column -> property. MatterGen's names are the defaults for the public sets.
     properties: list[PropertyColumn] = field(default_factory=list)
     compute_hhi: bool = False  # add `hhi_score` computed from composition
+    default_properties: bool = True  # MatterGen names for known columns (band_gap -> dft_band_gap, ...)
+    chemical_system: bool = True  # add `chemical_system` (elements sorted, joined by '-')
 
 
 @dataclass
@@ -41,6 +43,9 @@ class ShardConfig:
     split_fractions: dict[str, float] = field(
         default_factory=lambda: {"train": 0.9, "val": 0.05, "test": 0.05}
     )
+    # auto: an input named train/val/test (file stem) keeps that split, others go by hash;
+    # hash: always by hash of the id; any other value: every record goes to that split.
+    split: str = "auto"
 
 
 @dataclass
