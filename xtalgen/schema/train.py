@@ -15,6 +15,7 @@ class OptimConfig:
     plateau_factor: float = 0.6  # MatterGen
     plateau_patience: int = 100
     warmup_steps: int = 0
+    min_lr: float = 1e-6  # floor of the plateau / cosine schedules (MatterGen plateau min_lr)
 
 
 @dataclass
@@ -47,3 +48,7 @@ class TrainConfig:
     # Periodic sampling with SUN metrics during training (0 = off).
     sample_every: int = 0
     sample_count: int = 16
+    # Non-finite loss: the batch is skipped (on every rank) at most this many times, then the run stops.
+    max_nonfinite_skips: int = 10
+    debug_inject_nan_step: int = 0  # test hook: rank 0's loss at this step becomes NaN (0 = off)
+    offload_nvme_path: str = ""  # required when offload_optimizer/offload_param is nvme
