@@ -48,6 +48,8 @@ class TrainConfig:
     # Periodic sampling with SUN metrics during training (0 = off).
     sample_every: int = 0
     sample_count: int = 16
+    sample_steps: int = 50  # diffusion steps of the periodic pass (few: it runs often)
+    sample_relax: bool = False  # also relax + energy above hull (stability, SUN); slow on CPU
     # Non-finite loss: the batch is skipped (on every rank) at most this many times, then the run stops.
     max_nonfinite_skips: int = 10
     debug_inject_nan_step: int = 0  # test hook: rank 0's loss at this step becomes NaN (0 = off)
