@@ -1,0 +1,232 @@
+"""The equivariant score network: PaiNN-style scalar+vector message passing on the periodic graph.
+
+Inputs per structure: atom types (0 = mask token of the absorbing type diffusion, 1..100 elements),
+fractional coordinates, lattice and diffusion time t; optionally property conditions. Outputs:
+
+* type_logits    (N, 100) invariant logits over Z = 1..100 (column Z-1)
+* coord_vectors  (N, 3)   equivariant Cartesian vectors, from a gated equivariant readout of the
+                          vector features
+* lattice_matrix (B, 3, 3) symmetric, equivariant as R S R^T: the mean over the structure's edges of
+                          w_e r_e r_e^T / |r_e|^2 with invariant edge weights w_e, plus an isotropic
+                          term (mean over atoms) times the identity; means keep the scale independent
+                          of the number of atoms and edges
+
+Why this design rather than MatterGen's GemNet-dT: GemNet's directional information comes from
+triplets (about 2,400 per atom at 7 Å / 50 neighbours), and 63% of its time goes into 512x512
+per-edge matmuls. Here the per-edge work is elementwise, O(edges x H) (a filter from the radial
+basis and a gather-multiply-scatter), while the O(H^2) matmuls run once per atom, ~50x fewer rows
+than per edge. Directional information is carried by equivariant vector features instead of
+angles, so no triplets are enumerated at all, and the network gets many more layers/width per FLOP.
+
+The periodic graph (cutoff 7 Å, at most 50 nearest neighbours) is rebuilt from the noisy structure
+on every forward pass, after wrapping fractional coordinates into [0, 1): the outputs do not depend
+on which periodic image of an atom is given.
+
+Conditioning: time embedding (sinusoidal + MLP) and, without adapters, the summed property
+embedding form a per-structure vector that is added to the initial atom scalars and modulates each
+layer (FiLM). With adapters (fine-tuning, MatterGen's recipe) properties enter only through
+per-layer adapters whose last layer is zero-initialised, so a base model's outputs are reproduced
+bit-for-bit until the adapters train.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from xtalgen.models.conditioning import ConditionEmbedding
+from xtalgen.models.graph import radius_graph_pbc
+from xtalgen.models.layers import GaussianRBF, PaiNNLayer, TimeEmbedding, mlp
+from xtalgen.schema.model import ConditionConfig, ScoreNetConfig
+
+NUM_ELEMENTS = 100
+MASK_TOKEN = 0
+
+# Architecture presets. Parameter counts (printed by `xtalgen model info`, checked in tests):
+PRESETS: dict[str, dict] = {
+    "debug": {"hidden": 128, "num_layers": 4, "num_rbf": 32},
+    "base": {"hidden": 640, "num_layers": 8, "num_rbf": 64},
+    "large": {"hidden": 1280, "num_layers": 14, "num_rbf": 64},
+    "xl": {"hidden": 2304, "num_layers": 15, "num_rbf": 128},
+}
+
+
+@dataclass
+class ScoreOutput:
+    type_logits: Tensor  # (N, 100) invariant logits over Z=1..100 (column Z-1)
+    coord_vectors: Tensor  # (N, 3) equivariant Cartesian vectors
+    lattice_matrix: Tensor  # (B, 3, 3) symmetric, equivariant as R S R^T
+
+
+def resolve_architecture(cfg: ScoreNetConfig) -> dict:
+    """Preset values, overridden by the config's explicit (> 0) fields."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown score-net preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
+    arch = dict(PRESETS[cfg.preset])
+    for key in ("hidden", "num_layers", "num_rbf"):
+        value = getattr(cfg, key)
+        if value > 0:
+            arch[key] = value
+    return arch
+
+
+class ScoreNetwork(nn.Module):
+    def __init__(
+        self,
+        cfg: ScoreNetConfig,
+        conditions: Sequence[ConditionConfig] = (),
+        condition_dropout: float = 0.0,
+        adapters: bool = False,
+    ):
+        super().__init__()
+        arch = resolve_architecture(cfg)
+        hidden, num_layers, num_rbf = arch["hidden"], arch["num_layers"], arch["num_rbf"]
+        self.cfg = cfg
+        self.hidden = hidden
+        self.cutoff = float(cfg.cutoff)
+        self.max_neighbors = int(cfg.max_neighbors)
+
+        self.type_embedding = nn.Embedding(NUM_ELEMENTS + 1, hidden)  # row 0 = mask token
+        self.time_embedding = TimeEmbedding(hidden)
+        self.conditioning = ConditionEmbedding(conditions, hidden, condition_dropout) if conditions else None
+        self.rbf = GaussianRBF(num_rbf, self.cutoff)
+        self.layers = nn.ModuleList([PaiNNLayer(hidden, num_rbf, cfg.backend) for _ in range(num_layers)])
+        self.adapters: nn.ModuleList | None = None
+        # Fixed at construction: properties either shape the whole network (trained with it) or enter
+        # only through adapters (fine-tuning). Adding adapters later must not change this.
+        self.conditions_at_input = bool(conditions) and not adapters
+        if adapters:
+            self.add_adapters()
+
+        self.final_norm = nn.LayerNorm(hidden)
+        self.type_head = mlp(hidden, hidden, NUM_ELEMENTS)
+        self.coord_gate = mlp(hidden, hidden, hidden)
+        self.coord_out = nn.Linear(hidden, 1, bias=False)
+        self.edge_src = nn.Linear(hidden, hidden)
+        self.edge_rbf = nn.Linear(num_rbf, hidden, bias=False)
+        self.edge_weight = nn.Linear(hidden, 1)
+        self.iso_head = mlp(hidden, hidden, 1)
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapters(self) -> None:
+        """Per-layer adapters mapping the property embedding into the hidden scalars.
+
+        The last layer of each is zero-initialised: outputs stay bit-for-bit unchanged.
+        """
+        if self.conditioning is None:
+            raise ValueError("adapters need at least one condition (they map property embeddings)")
+        if self.adapters is not None:
+            return
+        ref = self.type_embedding.weight
+        adapters = nn.ModuleList(
+            [mlp(self.hidden, self.hidden, self.hidden) for _ in self.layers]
+        ).to(device=ref.device, dtype=ref.dtype)
+        for adapter in adapters:
+            nn.init.zeros_(adapter[-1].weight)
+            nn.init.zeros_(adapter[-1].bias)
+        self.adapters = adapters
+
+    def finetune_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained when the base is frozen: adapters and property embeddings."""
+        params = []
+        for module in (self.adapters, self.conditioning):
+            if module is not None:
+                params.extend(module.parameters())
+        return params
+
+    def freeze_base(self) -> list[nn.Parameter]:
+        """requires_grad=False on everything but `finetune_parameters()`, which it returns."""
+        trainable = {id(p) for p in self.finetune_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        return self.finetune_parameters()
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        atomic_numbers: Tensor,  # (N,) long, 0 = mask, 1..100
+        frac_coords: Tensor,  # (N, 3)
+        lattice: Tensor,  # (B, 3, 3) rows are lattice vectors, Å
+        num_atoms: Tensor,  # (B,) long
+        batch_index: Tensor,  # (N,) long
+        t: Tensor,  # (B,) in [0, 1]
+        conditions: Mapping[str, Tensor] | None = None,
+        condition_mask: Mapping[str, Tensor] | None = None,
+    ) -> ScoreOutput:
+        dtype = self.type_embedding.weight.dtype
+        # Geometry in at least float32 even for a bf16 network: bf16 positions are off by ~0.05 Å.
+        geom_dtype = torch.promote_types(dtype, torch.float32)
+        lattice = lattice.to(geom_dtype)
+        frac = torch.remainder(frac_coords.to(geom_dtype), 1.0)  # (N, 3) image-independent
+        cart = torch.einsum("ni,nij->nj", frac, lattice[batch_index])  # (N, 3)
+        graph = radius_graph_pbc(cart, lattice, batch_index, num_atoms, self.cutoff, self.max_neighbors)
+        source, target = graph.edge_index
+        dist = graph.edge_vec.norm(dim=1)  # (E,)
+        unit_vec = (graph.edge_vec / dist.clamp_min(1e-6)[:, None]).to(dtype)  # (E, 3)
+        rbf = self.rbf(dist).to(dtype)  # (E, K)
+
+        num_structures = lattice.shape[0]
+        cond = self.time_embedding(t.to(dtype))  # (B, H)
+        props = None
+        if self.conditioning is not None:
+            props = self.conditioning(num_structures, conditions, condition_mask)  # (B, H)
+            if self.conditions_at_input:
+                cond = cond + props
+
+        s = self.type_embedding(atomic_numbers) + cond[batch_index]  # (N, H)
+        v = s.new_zeros(s.shape[0], 3, self.hidden)  # (N, 3, H)
+        for i, layer in enumerate(self.layers):
+            if self.adapters is not None:
+                s = s + self.adapters[i](props)[batch_index]
+            s, v = layer(s, v, cond, batch_index, graph.edge_index, rbf, unit_vec)
+
+        s = self.final_norm(s)
+        type_logits = self.type_head(s)  # (N, 100)
+        coord_vectors = self.coord_out(v * self.coord_gate(s)[:, None, :]).squeeze(-1)  # (N, 3)
+        lattice_matrix = self._lattice_readout(s, rbf, unit_vec, source, target, batch_index, num_structures)
+        return ScoreOutput(type_logits, coord_vectors, lattice_matrix)
+
+    def _lattice_readout(self, s, rbf, unit_vec, source, target, batch_index, num_structures):
+        """(B, 3, 3): mean_e w_e r_hat r_hat^T + mean_atoms(iso) * I, both per structure."""
+        edge_hidden = torch.nn.functional.silu(self.edge_src(s[source] + s[target]) * self.edge_rbf(rbf))
+        weight = self.edge_weight(edge_hidden)  # (E, 1)
+        outer = (weight[:, :, None] * unit_vec[:, :, None] * unit_vec[:, None, :]).reshape(-1, 9)  # (E, 9)
+        edge_struct = batch_index[target]  # (E,)
+        aniso = outer.new_zeros(num_structures, 9).index_add_(0, edge_struct, outer)
+        edges_per_struct = torch.bincount(edge_struct, minlength=num_structures).clamp_min(1)
+        aniso = aniso / edges_per_struct[:, None].to(aniso.dtype)
+
+        iso_atoms = self.iso_head(s)  # (N, 1)
+        iso = iso_atoms.new_zeros(num_structures, 1).index_add_(0, batch_index, iso_atoms)
+        atoms_per_struct = torch.bincount(batch_index, minlength=num_structures).clamp_min(1)
+        iso = iso / atoms_per_struct[:, None].to(iso.dtype)  # (B, 1)
+        eye = torch.eye(3, dtype=s.dtype, device=s.device)
+        return aniso.view(-1, 3, 3) + iso[:, :, None] * eye
+
+
+def build_score_net(
+    cfg: ScoreNetConfig,
+    conditions: Sequence[ConditionConfig] = (),
+    condition_dropout: float = 0.0,
+    adapters: bool = False,
+) -> ScoreNetwork:
+    return ScoreNetwork(cfg, conditions, condition_dropout, adapters)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def preset_parameter_count(preset: str) -> int:
+    """Real parameter count of a preset, built on the meta device (no memory, even for xl)."""
+    with torch.device("meta"):
+        return count_parameters(ScoreNetwork(ScoreNetConfig(preset=preset)))
+
+
+def format_count(n: int) -> str:
+    exponent = min(int(math.log10(max(n, 1)) // 3), 3)
+    return f"{n / 10 ** (3 * exponent):.1f}{['', 'K', 'M', 'B'][exponent]}"
