@@ -1,0 +1,190 @@
+"""Sample many structures into an output directory: batched, seeded, resumable, multi-rank.
+
+The loop is deliberately plain: decide which batches this rank still owes (its round-robin share
+minus what any part of the directory already committed), sample each with its own generator, write
+it (CIFs, extxyz, then the JSONL commit), and on rank 0 merge every part once all batches are in.
+No torch.distributed: ranks coordinate only through the files, so the same code runs under
+torchrun, srun, a Slurm array or by hand with RANK/WORLD_SIZE.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from xtalgen.sampling.conditions import ConditionValue, condition_tensors, parse_conditions
+from xtalgen.sampling.plan import NUM_ATOMS_STREAM, SamplingPlan
+from xtalgen.sampling.writer import (
+    MergeReport,
+    PartWriter,
+    batch_to_structures,
+    check_or_write_request,
+    committed_batches,
+    merge_parts,
+)
+from xtalgen.schema import ModelConfig, SampleConfig
+
+MODEL_FILE_NAMES = ("model.pt", "ema_model.pt", "consolidated.pt")
+
+
+@dataclass
+class SamplingSummary:
+    out_dir: Path
+    rank: int
+    world_size: int
+    num_new: int  # structures made by this rank in this run
+    num_already_done: int  # structures of this rank's share found committed at start
+    seconds: float
+    merge: MergeReport | None  # rank 0 only
+
+    @property
+    def structures_per_second(self) -> float:
+        return self.num_new / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A single-file model, or a run/checkpoint directory holding one (consolidated EMA weights)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in MODEL_FILE_NAMES:
+            for candidate in (path / name, path / "checkpoints" / "latest" / name):
+                if candidate.is_file():
+                    return candidate
+        raise FileNotFoundError(
+            f"{path} holds no single-file model ({', '.join(MODEL_FILE_NAMES)}); consolidate a training "
+            f"checkpoint first: `xtalgen train consolidate {path} --out model.pt`"
+        )
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+    return torch.device("cpu")
+
+
+def request_record(cfg: SampleConfig, conditions: dict[str, ConditionValue], checkpoint: str) -> dict:
+    """What determines the structures; a resumed run must ask for exactly the same."""
+    record = asdict(cfg)
+    record.pop("out", None)
+    record["checkpoint"] = checkpoint
+    record["conditions"] = conditions
+    return record
+
+
+def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: SampleConfig,
+                            plan: SamplingPlan, batch: int, conditions: dict[str, ConditionValue],
+                            device: torch.device) -> list:
+    """Run the sampler for one batch of the plan; returns pymatgen structures in plan order."""
+    from xtalgen.models.sampler import sample, sample_num_atoms
+
+    size = len(plan.batch_indices(batch))
+    if cfg.num_atoms > 0:
+        num_atoms = torch.full((size,), cfg.num_atoms, dtype=torch.long)
+    else:
+        num_atoms = sample_num_atoms(stats, size, plan.generator(batch, NUM_ATOMS_STREAM, "cpu"))
+    cond = condition_tensors(conditions, model_cfg.conditions, size, device) if conditions else None
+    with torch.no_grad():
+        out = sample(
+            model,
+            num_atoms.to(device),
+            num_steps=cfg.num_steps,
+            corrector_steps=cfg.corrector_steps,
+            coord_snr=cfg.coord_snr,
+            lattice_snr=cfg.lattice_snr,
+            guidance_scale=cfg.guidance_scale,
+            conditions=cond,
+            generator=plan.generator(batch, device=device),
+        )
+    return batch_to_structures(
+        out.lattice.detach().double().cpu().numpy(),
+        out.frac_coords.detach().double().cpu().numpy(),
+        out.atomic_numbers.detach().cpu().numpy(),
+        out.num_atoms.detach().cpu().numpy(),
+    )
+
+
+def batch_rows(plan: SamplingPlan, batch: int, cfg: SampleConfig,
+               conditions: dict[str, ConditionValue], structures: list) -> list[dict]:
+    """Per-structure metadata lines. No rank or time in them: parts merge to the same bytes."""
+    rows = []
+    for index, structure in zip(plan.batch_indices(batch), structures):
+        rows.append({
+            "id": plan.sample_id(index),
+            "index": index,
+            "batch": batch,
+            "seed": plan.seed,
+            "batch_seed": plan.batch_seed(batch),
+            "num_atoms": len(structure),
+            "formula": structure.composition.reduced_formula,
+            "conditions": conditions,
+            "guidance": cfg.guidance_scale,
+            "steps": cfg.num_steps,
+        })
+    return rows
+
+
+def sample_to_directory(
+    model,
+    model_cfg: ModelConfig,
+    stats: dict,
+    cfg: SampleConfig,
+    out_dir: str | Path,
+    *,
+    checkpoint: str = "",
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    merge_wait_s: float = 600.0,
+    poll_s: float = 2.0,
+) -> SamplingSummary:
+    """Make this rank's share of `cfg.num_samples` structures in `out_dir` (resuming), then merge."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else default_device()
+    conditions = parse_conditions(cfg.conditions, model_cfg.conditions)
+    plan = SamplingPlan(cfg.num_samples, cfg.batch_size, cfg.seed)
+    check_or_write_request(out_dir, request_record(cfg, conditions, checkpoint))
+
+    writer = PartWriter(out_dir, plan, rank, world_size)
+    done = committed_batches(out_dir, plan)
+    mine = plan.batches_for_rank(rank, world_size)
+    todo = [b for b in mine if b not in done]
+    already = sum(len(plan.batch_indices(b)) for b in mine if b in done)
+
+    model = model.to(device).eval()
+    start = time.perf_counter()
+    made = 0
+    bar = tqdm(total=sum(len(plan.batch_indices(b)) for b in todo), unit="structure",
+               desc=f"sampling (rank {rank}/{world_size})", disable=not progress, dynamic_ncols=True)
+    with bar:
+        for batch in todo:
+            structures = sample_batch_structures(model, model_cfg, stats, cfg, plan, batch, conditions, device)
+            writer.write_batch(batch_rows(plan, batch, cfg, conditions, structures), structures)
+            made += len(structures)
+            bar.update(len(structures))
+    seconds = time.perf_counter() - start
+
+    merge = None
+    if rank == 0:
+        wait_for_all_batches(out_dir, plan, merge_wait_s, poll_s)
+        merge = merge_parts(out_dir, plan)
+    return SamplingSummary(out_dir, rank, world_size, made, already, seconds, merge)
+
+
+def wait_for_all_batches(out_dir: Path, plan: SamplingPlan, timeout_s: float, poll_s: float) -> bool:
+    """Poll the parts until every batch is committed (other ranks finishing) or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while len(committed_batches(out_dir, plan)) < plan.num_batches:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
