@@ -1,0 +1,25 @@
+"""Shard sets: LMDB and WebDataset writers/readers, manifests, verification, statistics, subsets.
+
+    from xtalgen.sharding import ShardSetWriter, open_shards
+    writer = ShardSetWriter("shards/perov", fmt="lmdb")
+    writer.add("train", record); ...; writer.finalize(sources=[...], rejected={...}, config={...})
+    shards = open_shards("shards/perov"); shards.stats["mean_density"]
+
+Knows nothing of readers of raw inputs or of loaders (`xtalgen.datasets`): it only stores
+`xtalgen.record.CrystalRecord`s.
+"""
+
+from xtalgen.sharding.codec import ShardCorruptionError
+from xtalgen.sharding.manifest import manifest_hash, read_manifest
+from xtalgen.sharding.reader import ShardSet, open_shards
+from xtalgen.sharding.writer import FORMATS, ShardSetWriter
+
+__all__ = [
+    "FORMATS",
+    "ShardCorruptionError",
+    "ShardSet",
+    "ShardSetWriter",
+    "manifest_hash",
+    "open_shards",
+    "read_manifest",
+]

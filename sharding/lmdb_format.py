@@ -1,0 +1,119 @@
+"""LMDB shards: one single-file environment per split, `DIR/lmdb/<split>.lmdb`.
+
+Keys are zero-padded record indices (`000000042`), values sealed `encode_record` msgpack (see
+`codec`). Random access makes LMDB the format for map-style loading on one node.
+
+Same bytes for the same input: records are inserted in index order with MDB_APPEND, committed
+every `COMMIT_EVERY` records, into an environment with a fixed map size; LMDB zero-fills fresh
+pages, so two builds of the same records give byte-identical files (a test checks this). No lock
+file is used: one writer owns the temporary file, readers open read-only without locking.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lmdb
+
+from xtalgen.sharding.codec import ShardCorruptionError, record_key
+
+# Virtual address space only (the file grows with the data, it is not preallocated); fixed so the
+# meta pages, which record it, are the same for every build.
+MAP_SIZE = 1 << 40
+COMMIT_EVERY = 8192
+
+
+def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
+    return lmdb.open(
+        str(path),
+        subdir=False,
+        readonly=readonly,
+        lock=False,
+        map_size=MAP_SIZE,
+        readahead=False,  # random access: do not drag neighbouring pages into the page cache
+        meminit=True,
+        max_dbs=0,
+    )
+
+
+class LmdbSplitWriter:
+    """Writes one split's records, in index order, to a temporary file; `close()` returns it."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        for stale in (tmp_path, Path(f"{tmp_path}-lock")):
+            stale.unlink(missing_ok=True)
+        self._env = _open_env(tmp_path, readonly=False)
+        self._txn = self._env.begin(write=True)
+        self.count = 0
+
+    def add(self, value: bytes) -> None:
+        if not self._txn.put(record_key(self.count).encode(), value, append=True):
+            raise RuntimeError(f"{self.tmp_path}: key {self.count} already present")
+        self.count += 1
+        if self.count % COMMIT_EVERY == 0:
+            self._txn.commit()
+            self._txn = self._env.begin(write=True)
+
+    def close(self) -> Path:
+        self._txn.commit()
+        self._env.sync(True)
+        self._env.close()
+        return self.tmp_path
+
+
+class LmdbSplitReader:
+    """Random access to one split's LMDB file; opens lazily so it survives fork into workers."""
+
+    def __init__(self, path: Path, name: str, num_records: int):
+        self.path = path
+        self.name = name  # shard name used in error messages (relative to the shard set)
+        self.num_records = num_records
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+
+    def _environment(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():  # LMDB handles must not cross fork
+            if not self.path.exists():
+                raise ShardCorruptionError(self.name, "shard file is missing")
+            try:
+                self._env = _open_env(self.path, readonly=True)
+            except lmdb.Error as exc:
+                raise ShardCorruptionError(self.name, f"cannot open LMDB file: {exc}") from exc
+            self._pid = os.getpid()
+        return self._env
+
+    def get_many(self, indices: Sequence[int]) -> list[bytes]:
+        """Values of the given record indices, in that order."""
+        out = []
+        try:
+            with self._environment().begin(buffers=False) as txn:
+                for i in indices:
+                    key = record_key(int(i))
+                    value = txn.get(key.encode())
+                    if value is None:
+                        raise ShardCorruptionError(self.name, "record is missing", key)
+                    out.append(value)
+        except lmdb.Error as exc:
+            raise ShardCorruptionError(self.name, f"LMDB error: {exc}") from exc
+        return out
+
+    def iter_items(self) -> Iterator[tuple[str, bytes]]:
+        """(key, value) in key order, streaming with a cursor."""
+        try:
+            with self._environment().begin(buffers=False) as txn:
+                for key, value in txn.cursor():
+                    yield key.decode(), value
+        except lmdb.Error as exc:
+            raise ShardCorruptionError(self.name, f"LMDB error: {exc}") from exc
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+    def __getstate__(self) -> dict:
+        # An open environment is not transferable to another process; reopen there.
+        return {**self.__dict__, "_env": None, "_pid": -1}

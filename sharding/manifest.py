@@ -1,0 +1,163 @@
+"""The shard-set manifest (`DIR/manifest.json`) and the statistics it carries for the model.
+
+The manifest says what the shards are (format, per split and per shard: records, bytes, sha256),
+where they came from (sources with hashes, rejected counts by reason, the data config), and what
+the model needs from the data: the number-of-atoms histogram (sampling prior), the mean atomic
+density N/V (lattice prior), element counts and property coverage. Its bytes are deterministic:
+no timestamps, sorted keys, so the same input gives the same manifest and the same
+`manifest_hash`, which run directories record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+# Split whose statistics are the model's priors; others are reported per split only.
+PRIOR_SPLIT = "train"
+
+
+def created_by() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"xtalgen {version('xtalgen')}"
+    except PackageNotFoundError:
+        return "xtalgen (unknown version)"
+
+
+def has_value(value: Any) -> bool:
+    """A property counts as present unless it is None or a float NaN."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+class SplitStats:
+    """Streaming statistics of one split: O(distinct values) memory, never the records."""
+
+    def __init__(self) -> None:
+        self.num_records = 0
+        self.num_atoms_histogram: Counter[int] = Counter()
+        self.element_counts: Counter[int] = Counter()
+        self.property_coverage: Counter[str] = Counter()
+        # Densities are summed with math.fsum in blocks: accurate, and bounded memory on 600k records.
+        self._density_sum = 0.0
+        self._densities: list[float] = []
+
+    def add(self, num_atoms: int, volume: float, atomic_numbers: np.ndarray, properties: dict) -> None:
+        self.num_records += 1
+        self.num_atoms_histogram[int(num_atoms)] += 1
+        zs, counts = np.unique(atomic_numbers, return_counts=True)
+        for z, c in zip(zs.tolist(), counts.tolist()):
+            self.element_counts[z] += c
+        for name, value in properties.items():
+            if has_value(value):
+                self.property_coverage[name] += 1
+        self._densities.append(num_atoms / volume)
+        if len(self._densities) >= 65536:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._density_sum = math.fsum([self._density_sum, *self._densities])
+        self._densities.clear()
+
+    def to_dict(self) -> dict:
+        """JSON-ready (string keys in increasing numeric order)."""
+        self._flush()
+        return {
+            "num_records": self.num_records,
+            "num_atoms_histogram": {str(n): self.num_atoms_histogram[n] for n in sorted(self.num_atoms_histogram)},
+            "mean_density": self._density_sum / self.num_records if self.num_records else None,
+            "element_counts": {str(z): self.element_counts[z] for z in sorted(self.element_counts)},
+            "property_coverage": {k: self.property_coverage[k] for k in sorted(self.property_coverage)},
+        }
+
+
+def prior_stats(manifest: dict) -> dict:
+    """Statistics of the prior split with integer keys: what models and samplers consume.
+
+    Returns {"num_records", "num_atoms_histogram" {n: count}, "mean_density" (atoms/Å³),
+    "element_counts" {Z: atoms}, "property_coverage" {name: records}, "split"}.
+    """
+    stats = manifest["stats"]
+    return {
+        "split": stats.get("split"),
+        "num_records": stats["num_records"],
+        "num_atoms_histogram": {int(n): c for n, c in stats["num_atoms_histogram"].items()},
+        "mean_density": stats["mean_density"],
+        "element_counts": {int(z): c for z, c in stats["element_counts"].items()},
+        "property_coverage": dict(stats["property_coverage"]),
+    }
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """Combine `SplitStats.to_dict()` outputs (used when there is no train split)."""
+    total = sum(p["num_records"] for p in parts)
+    hist, elements, coverage = Counter(), Counter(), Counter()
+    density_sum = 0.0
+    for p in parts:
+        hist.update({int(k): v for k, v in p["num_atoms_histogram"].items()})
+        elements.update({int(k): v for k, v in p["element_counts"].items()})
+        coverage.update(p["property_coverage"])
+        if p["num_records"]:
+            density_sum += p["mean_density"] * p["num_records"]
+    return {
+        "num_records": total,
+        "num_atoms_histogram": {str(n): hist[n] for n in sorted(hist)},
+        "mean_density": density_sum / total if total else None,
+        "element_counts": {str(z): elements[z] for z in sorted(elements)},
+        "property_coverage": {k: coverage[k] for k in sorted(coverage)},
+    }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_path(shard_dir: str | Path) -> Path:
+    path = Path(shard_dir)
+    return path if path.name == MANIFEST_NAME else path / MANIFEST_NAME
+
+
+def manifest_hash(shard_dir: str | Path) -> str:
+    """sha256 of `manifest.json` (accepts the shard directory or the file): identifies a shard set."""
+    return file_sha256(manifest_path(shard_dir))
+
+
+def dumps(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def write_manifest(shard_dir: Path, manifest: dict) -> Path:
+    """Write atomically: a crash leaves either the old manifest or the new one, never half of one."""
+    path = shard_dir / MANIFEST_NAME
+    tmp = shard_dir / f"{MANIFEST_NAME}.tmp"
+    tmp.write_bytes(dumps(manifest))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = manifest_path(shard_dir)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: not a shard directory, or its build did not finish "
+            "(build it with `xtalgen shard build`)"
+        )
+    manifest = json.loads(path.read_text())
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: manifest schema_version {version!r}, this xtalgen reads {SCHEMA_VERSION}")
+    return manifest

@@ -1,0 +1,156 @@
+"""`open_shards(path) -> ShardSet`: one reading interface over LMDB and WebDataset shard sets.
+
+    shards = open_shards("shards/perov")
+    shards.format, shards.splits, shards.num_records("train")
+    shards.stats                      # prior statistics: num_atoms_histogram {n: count}, mean_density
+    for record in shards.iter_records("train"): ...
+    shards.get_records("val", [0, 5, 9])
+
+Every read checks what it reads: each value's crc32 (any altered byte), LMDB file sizes against
+the manifest (truncation), tar structure, keys, counts and sha256 per shard. Problems raise
+`ShardCorruptionError` naming the shard and, when known, the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from xtalgen.record import CrystalRecord
+from xtalgen.sharding.codec import ShardCorruptionError, record_key, unseal_record
+from xtalgen.sharding.lmdb_format import LmdbSplitReader
+from xtalgen.sharding.manifest import prior_stats, read_manifest
+from xtalgen.sharding.webdataset_format import iter_tar_shard
+
+
+class ShardSet:
+    """A built shard set: its manifest plus readers for each split (see module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.name == "manifest.json":
+            self.path = self.path.parent
+        self.manifest: dict = read_manifest(self.path)
+        self.format: str = self.manifest["format"]
+        self._lmdb: dict[str, LmdbSplitReader] = {}
+
+    # --- what the set holds ------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.manifest["splits"])
+
+    def num_records(self, split: str) -> int:
+        return int(self._split(split)["num_records"])
+
+    @property
+    def stats(self) -> dict:
+        """Prior statistics (train split): num_atoms_histogram {n: count}, mean_density atoms/Å³,
+        element_counts {Z: atoms}, property_coverage {name: records}, num_records."""
+        return prior_stats(self.manifest)
+
+    def split_stats(self, split: str) -> dict:
+        return prior_stats({"stats": {"split": split, **self._split(split)["stats"]}})
+
+    def shards(self, split: str) -> list[dict]:
+        """Manifest entries of the split's shard files: file, first_index, num_records, bytes, sha256."""
+        return list(self._split(split)["shards"])
+
+    def num_atoms(self, split: str) -> np.ndarray:
+        """(num_records,) uint16 atoms per record, from the index written beside the shards."""
+        entry = self._split(split)["num_atoms_index"]
+        path = self.path / entry["file"]
+        if not path.exists():
+            raise ShardCorruptionError(entry["file"], "index file is missing")
+        try:
+            counts = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ShardCorruptionError(entry["file"], f"unreadable index: {exc}") from exc
+        if counts.shape != (self.num_records(split),):
+            raise ShardCorruptionError(entry["file"], f"index has shape {counts.shape}, expected one per record")
+        return counts
+
+    # --- reading -------------------------------------------------------------------------------------
+    def iter_values(self, split: str, shard_ids: Iterable[int] | None = None) -> Iterator[tuple[int, bytes, str]]:
+        """(record index, sealed value, shard name) in index order, over all or the given shards."""
+        shards = self.shards(split)
+        for i in range(len(shards)) if shard_ids is None else shard_ids:
+            entry = shards[i]
+            if self.format == "lmdb":
+                for key, value in self._lmdb_reader(split).iter_items():
+                    yield int(key), value, entry["file"]
+            else:
+                path = self.path / entry["file"]
+                for index, value in iter_tar_shard(
+                    path, entry["file"], entry["first_index"], entry["num_records"], entry["sha256"]
+                ):
+                    yield index, value, entry["file"]
+
+    def iter_records(self, split: str) -> Iterator[CrystalRecord]:
+        """Every record of a split in index order (streaming: memory stays flat)."""
+        for index, value, shard in self.iter_values(split):
+            yield unseal_record(value, shard, record_key(index))
+
+    def get_values(self, split: str, indices: Sequence[int]) -> list[bytes]:
+        """Sealed values at `indices` (in that order). Random access on LMDB; on WebDataset the
+        shards holding them are streamed, which is fine for a few records, slow for many."""
+        if self.format == "lmdb":
+            return self._lmdb_reader(split).get_many(indices)
+        wanted = {int(i) for i in indices}
+        rps = self.manifest["records_per_shard"]
+        found: dict[int, bytes] = {}
+        for index, value, _ in self.iter_values(split, sorted({i // rps for i in wanted})):
+            if index in wanted:
+                found[index] = value
+        return [found[int(i)] for i in indices]
+
+    def get_records(self, split: str, indices: Sequence[int]) -> list[CrystalRecord]:
+        shard = self.shards(split)[0]["file"] if self.format == "lmdb" else f"{split} (webdataset)"
+        values = self.get_values(split, indices)
+        return [unseal_record(v, shard, record_key(int(i))) for i, v in zip(indices, values)]
+
+    def lmdb_reader(self, split: str) -> LmdbSplitReader:
+        """The random-access reader of an LMDB split (map-style loaders use it directly)."""
+        if self.format != "lmdb":
+            raise ValueError(f"{self.path} holds {self.format} shards; random access needs lmdb")
+        return self._lmdb_reader(split)
+
+    def close(self) -> None:
+        for reader in self._lmdb.values():
+            reader.close()
+        self._lmdb.clear()
+
+    # --- internals -----------------------------------------------------------------------------------
+    def _split(self, split: str) -> dict:
+        try:
+            return self.manifest["splits"][split]
+        except KeyError:
+            raise KeyError(f"{self.path} has no split {split!r}; it has {', '.join(self.splits)}") from None
+
+    def _lmdb_reader(self, split: str) -> LmdbSplitReader:
+        if split not in self._lmdb:
+            entry = self.shards(split)[0]
+            path = self.path / entry["file"]
+            check_file_size(path, entry)
+            self._lmdb[split] = LmdbSplitReader(path, entry["file"], entry["num_records"])
+        return self._lmdb[split]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.num_records(s)}" for s in self.splits)
+        return f"ShardSet({str(self.path)!r}, format={self.format!r}, {counts})"
+
+
+def check_file_size(path: Path, entry: dict) -> None:
+    """Missing or resized shard file -> ShardCorruptionError. For LMDB this also guards against
+    the crash (SIGBUS) that reading a memory-mapped truncated file would cause."""
+    if not path.exists():
+        raise ShardCorruptionError(entry["file"], "shard file is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardCorruptionError(entry["file"], f"size {size} bytes, manifest says {entry['bytes']} (truncated?)")
+
+
+def open_shards(path: str | Path) -> ShardSet:
+    """Open a shard set directory (or its manifest.json)."""
+    return ShardSet(path)
