@@ -12,14 +12,24 @@ Knows nothing of readers of raw inputs or of loaders (`xtalgen.datasets`): it on
 from xtalgen.sharding.codec import ShardCorruptionError
 from xtalgen.sharding.manifest import manifest_hash, read_manifest
 from xtalgen.sharding.reader import ShardSet, open_shards
+from xtalgen.sharding.stats import format_stats, shard_stats
+from xtalgen.sharding.subset import load_subset, make_subset
+from xtalgen.sharding.verify import ShardProblem, VerifyReport, verify_shards
 from xtalgen.sharding.writer import FORMATS, ShardSetWriter
 
 __all__ = [
     "FORMATS",
     "ShardCorruptionError",
+    "ShardProblem",
     "ShardSet",
     "ShardSetWriter",
+    "VerifyReport",
+    "format_stats",
+    "load_subset",
+    "make_subset",
     "manifest_hash",
     "open_shards",
     "read_manifest",
+    "shard_stats",
+    "verify_shards",
 ]
