@@ -84,7 +84,7 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
     inv_lattice = torch.linalg.inv(lattice)  # (B, 3, 3); column k is reciprocal vector k (no 2π)
     frac = torch.einsum("ni,nij->nj", cart, inv_lattice[batch_index])  # (N, 3)
     cell_of_atom = torch.floor(frac)  # (N, 3) which cell copy each input position sits in
-    wrapped = torch.einsum("ni,nij->nj", frac - cell_of_atom, lattice[batch_index])  # (N, 3)
+    wrapped = frac - cell_of_atom  # (N, 3) fractional, in [0, 1]
 
     # Wrapped fractional differences lie in [-1, 1], so a neighbour within the cutoff needs
     # |n_k| <= cutoff * |b_k| + 1 along reciprocal direction b_k.
@@ -145,7 +145,10 @@ def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images
         ],
         dim=1,
     ) - images[struct]  # (P, 3) integer image in [-n_k, n_k]
-    vec = wrapped[source] + torch.einsum("pi,pij->pj", shift.double(), lattice[struct]) - wrapped[target]
+    # Differences are taken in fractional space: an atom's images at +n and -n then have exactly
+    # equal distances, so their tie is broken by image order and never by rounding noise.
+    frac_vec = wrapped[source] - wrapped[target] + shift.double()  # (P, 3)
+    vec = torch.einsum("pi,pij->pj", frac_vec, lattice[struct])
     dist = vec.norm(dim=1)  # (P,)
     keep = (dist < cutoff) & ~((source == target) & (shift == 0).all(dim=1))
     source, target, shift, dist = source[keep], target[keep], shift[keep], dist[keep]
