@@ -25,6 +25,22 @@ MAP_SIZE = 1 << 40
 COMMIT_EVERY = 8192
 
 
+# py-lmdb refuses to open one file twice in a process, so read-only environments are shared by
+# every reader of that file in this process: keyed by pid (never reuse across fork) and inode
+# (a rebuilt file is a new inode and gets a new environment). They stay open while the process lives.
+_SHARED: dict[tuple[int, int, int], lmdb.Environment] = {}
+
+
+def _shared_readonly_env(path: Path) -> lmdb.Environment:
+    st = path.stat()
+    key = (os.getpid(), st.st_dev, st.st_ino)
+    if key not in _SHARED:
+        for stale in [k for k in _SHARED if k[0] != key[0]]:
+            del _SHARED[stale]  # inherited through fork: unusable here
+        _SHARED[key] = _open_env(path, readonly=True)
+    return _SHARED[key]
+
+
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
     return lmdb.open(
         str(path),
@@ -79,7 +95,7 @@ class LmdbSplitReader:
             if not self.path.exists():
                 raise ShardCorruptionError(self.name, "shard file is missing")
             try:
-                self._env = _open_env(self.path, readonly=True)
+                self._env = _shared_readonly_env(self.path)
             except lmdb.Error as exc:
                 raise ShardCorruptionError(self.name, f"cannot open LMDB file: {exc}") from exc
             self._pid = os.getpid()
@@ -110,9 +126,7 @@ class LmdbSplitReader:
             raise ShardCorruptionError(self.name, f"LMDB error: {exc}") from exc
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = None
+        self._env = None  # the environment is shared; it closes when nothing references it
 
     def __getstate__(self) -> dict:
         # An open environment is not transferable to another process; reopen there.

@@ -1,0 +1,226 @@
+"""Shard formats on real Perov-5 + Carbon-24 rows: exact round trips, deterministic bytes, manifest
+statistics, corruption detection (verify and read time), subsets, crash safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pymatgen.io.cif import CifParser
+
+from xtalgen.record import CrystalRecord
+from xtalgen.sharding import (
+    ShardCorruptionError,
+    ShardSetWriter,
+    load_subset,
+    make_subset,
+    manifest_hash,
+    open_shards,
+    shard_stats,
+    verify_shards,
+)
+
+FORMATS = ("lmdb", "webdataset")
+SPLITS = ("train", "val")
+
+
+def load_real_records(perov_csv: Path, carbon_csv: Path, n_each: int) -> list[CrystalRecord]:
+    """Real rows; properties of every kind, some missing, so coverage counts are not trivial."""
+    records = []
+    for csv, kind in ((perov_csv, "perov"), (carbon_csv, "carbon")):
+        for i, row in enumerate(pd.read_csv(csv, nrows=n_each).itertuples()):
+            structure = CifParser.from_str(row.cif).parse_structures(primitive=False)[0]
+            props = {"source": kind, "row": i}
+            if kind == "perov":
+                props["heat_all"] = float(row.heat_all)
+                props["dir_gap"] = float(row.dir_gap) if i % 3 else math.nan  # NaN = missing
+            else:
+                props["energy_per_atom"] = float(row.energy_per_atom)
+            records.append(CrystalRecord.from_structure(structure, id=f"{kind}-{row.material_id}", properties=props))
+    return records
+
+
+def split_of(i: int) -> str:
+    return "val" if i % 7 == 0 else "train"
+
+
+def write_set(out: Path, records, fmt: str, records_per_shard: int = 64) -> dict:
+    writer = ShardSetWriter(out, fmt=fmt, records_per_shard=records_per_shard)
+    for i, record in enumerate(records):
+        writer.add(split_of(i), record)
+    return writer.finalize(
+        sources=[{"path": "perov_5/val.csv", "sha256": "ab" * 32, "bytes": 1}], rejected={"too_many_atoms": 2},
+        config={"shard": {"format": fmt}},
+    )
+
+
+@pytest.fixture(scope="module")
+def records(perov_val, carbon_val) -> list[CrystalRecord]:
+    return load_real_records(perov_val, carbon_val, 150)
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def built(request, records, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp(request.param)
+    write_set(out, records, request.param)
+    return out
+
+
+def expected_by_split(records) -> dict[str, list[CrystalRecord]]:
+    out = {s: [] for s in SPLITS}
+    for i, r in enumerate(records):
+        out[split_of(i)].append(r)
+    return out
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_is_bitwise_exact(built, records):
+    shards = open_shards(built)
+    expected = expected_by_split(records)
+    for split in SPLITS:
+        back = list(shards.iter_records(split))
+        assert len(back) == len(expected[split]) == shards.num_records(split)
+        for got, want in zip(back, expected[split]):
+            assert got.equals(want), want.id
+    some = [5, 0, len(expected["train"]) - 1]
+    assert [r.id for r in shards.get_records("train", some)] == [expected["train"][i].id for i in some]
+
+
+def test_same_records_give_identical_bytes(records, tmp_path):
+    for fmt in FORMATS:
+        write_set(tmp_path / f"{fmt}-a", records, fmt)
+        write_set(tmp_path / f"{fmt}-b", records, fmt)
+        a, b = file_hashes(tmp_path / f"{fmt}-a"), file_hashes(tmp_path / f"{fmt}-b")
+        assert a == b and len(a) >= 5
+
+
+def test_manifest_describes_the_files_and_the_data(built, records):
+    shards = open_shards(built)
+    m = shards.manifest
+    assert m["num_records"] == len(records) and m["rejected"] == {"too_many_atoms": 2}
+    assert manifest_hash(built) == hashlib.sha256((built / "manifest.json").read_bytes()).hexdigest()
+    for split in SPLITS:
+        entries = shards.shards(split)
+        assert sum(e["num_records"] for e in entries) == shards.num_records(split)
+        for e in entries:
+            data = (built / e["file"]).read_bytes()
+            assert len(data) == e["bytes"] and hashlib.sha256(data).hexdigest() == e["sha256"]
+    if shards.format == "webdataset":
+        assert [e["num_records"] for e in shards.shards("train")][:-1] == [64] * (len(shards.shards("train")) - 1)
+    train = expected_by_split(records)["train"]
+    stats = shards.stats
+    assert stats["num_atoms_histogram"] == dict(Counter(r.num_atoms for r in train))
+    assert stats["mean_density"] == pytest.approx(np.mean([r.density for r in train]), rel=1e-12)
+    assert stats["element_counts"] == dict(Counter(int(z) for r in train for z in r.atomic_numbers))
+    assert stats["property_coverage"]["heat_all"] == sum("heat_all" in r.properties for r in train)
+    assert stats["property_coverage"]["dir_gap"] == sum(
+        "dir_gap" in r.properties and not math.isnan(r.properties["dir_gap"]) for r in train)
+    assert np.array_equal(shards.num_atoms("val"), [r.num_atoms for r in expected_by_split(records)["val"]])
+    assert shard_stats(built, recompute=True) == shard_stats(built)
+    assert verify_shards(built).ok
+
+
+def _flip_byte_inside_record(root: Path, shards, split: str, index: int) -> str:
+    """Flip one byte in the middle of the stored value of record `index`; return the shard file."""
+    value = shards.get_values(split, [index])[0]
+    for entry in shards.shards(split):
+        path = root / entry["file"]
+        data = bytearray(path.read_bytes())
+        at = data.find(value)
+        if at >= 0:
+            data[at + len(value) // 2] ^= 0x10
+            path.write_bytes(bytes(data))
+            return entry["file"]
+    raise AssertionError("value not found in any shard file")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_flipped_byte_is_named_by_verify_and_at_read(fmt, records, tmp_path):
+    write_set(tmp_path, records, fmt)
+    shards = open_shards(tmp_path)
+    broken = _flip_byte_inside_record(tmp_path, shards, "train", 70)
+    report = verify_shards(tmp_path)
+    assert not report.ok and report.broken_shards == [broken]
+    assert any(p.key == "000000070" for p in report.problems)
+    with pytest.raises(ShardCorruptionError) as err:
+        list(open_shards(tmp_path).iter_records("train"))
+    assert err.value.shard == broken and err.value.key == "000000070"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_shard_is_named(fmt, records, tmp_path):
+    write_set(tmp_path, records, fmt)
+    entry = open_shards(tmp_path).shards("train")[1 if fmt == "webdataset" else 0]
+    path = tmp_path / entry["file"]
+    path.write_bytes(path.read_bytes()[: entry["bytes"] // 2 + 100])
+    report = verify_shards(tmp_path)
+    assert report.broken_shards == [entry["file"]]
+    with pytest.raises(ShardCorruptionError, match=entry["file"]):
+        list(open_shards(tmp_path).iter_records("train"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_missing_shard_is_named(fmt, records, tmp_path):
+    write_set(tmp_path, records, fmt)
+    entry = open_shards(tmp_path).shards("val")[-1]
+    (tmp_path / entry["file"]).unlink()
+    report = verify_shards(tmp_path)
+    assert report.broken_shards == [entry["file"]] and "missing" in report.problems[0].detail
+    with pytest.raises(ShardCorruptionError, match="missing"):
+        list(open_shards(tmp_path).iter_records("val"))
+
+
+def test_unfinished_build_does_not_look_complete_and_rebuild_replaces_it(records, tmp_path):
+    write_set(tmp_path, records, "webdataset", records_per_shard=16)
+    old_shards = {e["file"] for e in open_shards(tmp_path).shards("train")}
+    writer = ShardSetWriter(tmp_path, fmt="webdataset", records_per_shard=64)
+    for record in records[:100]:
+        writer.add("train", record)
+    del writer  # "crash": never finalized; the old complete set is still what is on disk
+    assert verify_shards(tmp_path).ok
+    write_set(tmp_path, records, "webdataset", records_per_shard=64)
+    new_shards = {e["file"] for e in open_shards(tmp_path).shards("train")}
+    on_disk = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "wds").iterdir()}
+    assert on_disk == new_shards | {e["file"] for e in open_shards(tmp_path).shards("val")}
+    assert old_shards - new_shards and verify_shards(tmp_path).ok
+
+
+def test_manifest_needed_to_open(tmp_path, records):
+    writer = ShardSetWriter(tmp_path, fmt="lmdb")
+    writer.add("train", records[0])
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        open_shards(tmp_path)
+
+
+def test_property_subsets_are_deterministic_nested_views(built, records):
+    train = expected_by_split(records)["train"]
+    carrying = [i for i, r in enumerate(train) if not math.isnan(r.properties.get("dir_gap", math.nan))]
+    full = load_subset(built, make_subset(built, "dir_gap"))
+    assert full["splits"]["train"]["indices"].tolist() == carrying
+    small = load_subset(built, make_subset(built, "dir_gap", max_n=20))
+    mid = load_subset(built, make_subset(built, "dir_gap", max_n=40, split=None))
+    assert small["splits"]["train"]["count"] == 20 and small["splits"]["train"]["available"] == len(carrying)
+    assert set(small["splits"]["train"]["indices"]) <= set(mid["splits"]["train"]["indices"]) <= set(carrying)
+    assert set(mid["splits"]) == set(SPLITS)
+    again = json.loads((built / "subsets" / "dir_gap-20.json").read_text())
+    assert again["splits"]["train"]["indices"] == small["splits"]["train"]["indices"].tolist()
+    with pytest.raises(ValueError, match="carries"):
+        make_subset(built, "no_such_property")
+
+
+def test_subset_of_another_build_is_refused(records, tmp_path):
+    write_set(tmp_path, records, "lmdb")
+    make_subset(tmp_path, "heat_all", max_n=10)
+    write_set(tmp_path, records[:200], "lmdb")
+    with pytest.raises(ValueError, match="different build"):
+        load_subset(tmp_path, "heat_all-10")
