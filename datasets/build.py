@@ -1,0 +1,386 @@
+"""Build a shard set from raw inputs: parallel, deterministic, resumable.
+
+    summary = build_shards(["data/mp_20"], "shards/mp_20", cfg.data, fmt="lmdb", workers=8)
+
+1. Inputs are streamed (`iter_raw_items`) in a fixed global order and cut into chunks of
+   `cfg.shard.chunk_size` items. Chunk boundaries depend only on the input, never on the number
+   of workers.
+2. Each chunk is parsed and validated in a process pool (`spawn` context: safe with torch and
+   threads around) and written atomically, by the worker, to `OUT/.build/chunk-NNNNNN.msgpack`
+   (accepted records encoded with `xtalgen.record.encode_record`, plus rejections). A killed
+   build leaves only whole chunk files; running the same command again skips them. The input
+   fingerprint (sources' sha256 + reader/validation config + chunk size) is kept in
+   `OUT/.build/state.json`; a different input or config is refused unless `restart=True`.
+3. Assembly, in global order: duplicate ids among accepted records (the later one is rejected as
+   `duplicate_id`), split assignment (the input's own split when its file is named
+   train/val/test, else a hash of the id), then `xtalgen.sharding.ShardSetWriter`, which writes
+   the shards and finally `manifest.json`. `OUT/rejects.csv` lists every rejected input
+   (`id,source,reason,detail`, in input order).
+4. After the manifest is written the chunk files are deleted; `.build/state.json` stays (a few
+   hundred bytes) so that re-running a finished build returns at once instead of redoing it.
+
+Same input -> byte-identical shards, manifest and rejects for any worker count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import msgpack
+
+from xtalgen.datasets.readers import BUILTIN_PREFIX, RawItem, expand_inputs, iter_raw_items
+from xtalgen.datasets.validation import Rejection, parse_and_validate
+from xtalgen.record import CrystalRecord, decode_record, encode_record
+from xtalgen.schema import ConfigError
+from xtalgen.schema.data import DataConfig, ReaderConfig, ShardConfig, ValidationConfig
+
+BUILD_DIR = ".build"
+STATE_NAME = "state.json"
+REJECTS_NAME = "rejects.csv"
+REJECTS_COLUMNS = ("id", "source", "reason", "detail")
+# Bump when chunk contents would change for the same input (parser, canonical form, encoding).
+CHUNK_FORMAT_VERSION = 1
+
+
+class BuildStateError(ConfigError):
+    """OUT/.build belongs to a build of other inputs or another config."""
+
+
+@dataclass
+class BuildSummary:
+    read: int
+    accepted: int
+    rejected: int
+    by_reason: dict[str, int]
+    by_split: dict[str, int]
+    out_dir: Path
+    manifest_path: Path
+    rejects_path: Path
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    def describe(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in self.by_reason.items()) or "none"
+        splits = ", ".join(f"{k} {v}" for k, v in self.by_split.items()) or "none"
+        return (f"read {self.read} = accepted {self.accepted} + rejected {self.rejected}\n"
+                f"  splits: {splits}\n  rejected by reason: {reasons}\n"
+                f"  shards: {self.out_dir}  manifest: {self.manifest_path}  rejects: {self.rejects_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+def build_shards(
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    cfg: DataConfig,
+    *,
+    fmt: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    restart: bool = False,
+) -> BuildSummary:
+    """Read, validate and shard `inputs` into `out_dir`; see the module docstring."""
+    from xtalgen.sharding import FORMATS
+
+    fmt = fmt or cfg.shard.format
+    workers = int(workers or cfg.shard.workers or 1)
+    if fmt not in FORMATS:
+        raise ConfigError(f"config key 'data.shard.format': unknown format {fmt!r}; choose {', '.join(FORMATS)}")
+    if not inputs:
+        raise ConfigError("no inputs given")
+    _check_split_config(cfg.shard)
+    if cfg.shard.chunk_size < 1:
+        raise ConfigError("config key 'data.shard.chunk_size': must be >= 1")
+
+    out_dir = Path(out_dir)
+    build_dir = out_dir / BUILD_DIR
+    sources = source_fingerprints(inputs, progress=progress)
+    fingerprint = build_fingerprint(sources, cfg)
+    assembly = assembly_settings(cfg, fmt)
+    if restart and build_dir.exists():
+        shutil.rmtree(build_dir)
+    state = _load_state(build_dir)
+    if state is not None:
+        if state["fingerprint"] != fingerprint:
+            raise BuildStateError(
+                f"{build_dir} holds an unfinished or finished build of other inputs or another "
+                f"reader/validation config; rerun with --restart (restart=True) to start over"
+            )
+        done = state.get("summary")
+        if done and state.get("assembly") == assembly and (out_dir / "manifest.json").exists():
+            _log(progress, f"{out_dir} is up to date with these inputs and config (restart=True rebuilds)")
+            return _summary_from_dict(done)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    for stale in build_dir.glob("*.tmp"):  # half-written chunk of a killed build
+        stale.unlink()
+    _write_json(build_dir / STATE_NAME, {"fingerprint": fingerprint, "sources": sources})
+
+    num_chunks = run_chunks(inputs, build_dir, cfg, workers=workers, progress=progress)
+    summary = assemble(build_dir, num_chunks, out_dir, cfg, fmt=fmt, sources=sources, progress=progress)
+    _write_json(build_dir / STATE_NAME, {"fingerprint": fingerprint, "sources": sources,
+                                         "assembly": assembly, "summary": summary.to_dict()})
+    for chunk in build_dir.glob("chunk-*.msgpack"):
+        chunk.unlink()
+    _log(progress, summary.describe())
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+# ---------------------------------------------------------------------------------------------
+def file_digest(path: str | Path, progress: bool = False) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def source_fingerprints(inputs: Sequence[str], progress: bool = False) -> list[dict]:
+    """{"path", "sha256", "bytes"} of every input file (folders expanded; missing files: None)."""
+    from xtalgen.datasets.builtin import builtin_fingerprint
+
+    out = []
+    for name in expand_inputs(inputs):
+        if name.startswith(BUILTIN_PREFIX):
+            out.append(builtin_fingerprint(name))
+        elif os.path.isfile(name):
+            sha, size = file_digest(name)
+            out.append({"path": name, "sha256": sha, "bytes": size})
+        else:
+            out.append({"path": name, "sha256": None, "bytes": None})
+    return out
+
+
+def build_fingerprint(sources: list[dict], cfg: DataConfig) -> str:
+    """What the chunk files depend on: the inputs, reader and validation config, chunk size."""
+    key = {
+        "version": CHUNK_FORMAT_VERSION,
+        "sources": sources,
+        "reader": dataclasses.asdict(cfg.reader),
+        "validation": dataclasses.asdict(cfg.validation),
+        "chunk_size": cfg.shard.chunk_size,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def assembly_settings(cfg: DataConfig, fmt: str) -> dict:
+    """What the final shard set depends on beyond the chunks (never the worker count)."""
+    return {"format": fmt, "records_per_shard": cfg.shard.records_per_shard,
+            "split": cfg.shard.split, "split_fractions": dict(cfg.shard.split_fractions)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel, resumable chunk processing
+# ---------------------------------------------------------------------------------------------
+def chunk_path(build_dir: Path, k: int) -> Path:
+    return build_dir / f"chunk-{k:06d}.msgpack"
+
+
+def iter_chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def process_chunk(
+    k: int, items: list[RawItem | Rejection], build_dir: str, reader: ReaderConfig, validation: ValidationConfig
+) -> int:
+    """Parse + validate one chunk and write its results file atomically. Runs in a worker."""
+    results = []
+    for item in items:
+        result = parse_and_validate(item, reader, validation)
+        if isinstance(result, CrystalRecord):
+            results.append(["r", result.id, item.source, item.split, encode_record(result)])
+        else:
+            results.append(["x", result.id, result.source, result.reason, result.detail])
+    path = chunk_path(Path(build_dir), k)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(msgpack.packb({"v": CHUNK_FORMAT_VERSION, "chunk": k, "results": results}, use_bin_type=True))
+    os.replace(tmp, path)
+    return len(items)
+
+
+def run_chunks(inputs: Sequence[str], build_dir: Path, cfg: DataConfig, *, workers: int, progress: bool) -> int:
+    """Process every chunk not already on disk; returns the number of chunks."""
+    from tqdm import tqdm
+
+    stream = iter_raw_items(inputs, cfg.reader)
+    bar = tqdm(desc="parse+validate", unit=" structures", disable=not progress, file=sys.stderr, smoothing=0.05)
+    num_chunks = 0
+    skipped = 0
+    if workers <= 1:
+        for k, chunk in enumerate(iter_chunks(stream, cfg.shard.chunk_size)):
+            num_chunks = k + 1
+            if chunk_path(build_dir, k).exists():
+                skipped += 1
+            else:
+                process_chunk(k, chunk, str(build_dir), cfg.reader, cfg.validation)
+            bar.update(len(chunk))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            pending: dict[futures.Future, int] = {}
+            for k, chunk in enumerate(iter_chunks(stream, cfg.shard.chunk_size)):
+                num_chunks = k + 1
+                if chunk_path(build_dir, k).exists():
+                    skipped += 1
+                    bar.update(len(chunk))
+                    continue
+                # Bounded look-ahead: the reader never runs far ahead of the workers (memory).
+                while len(pending) >= 2 * workers:
+                    bar.update(_collect(pending, futures.FIRST_COMPLETED))
+                future = pool.submit(process_chunk, k, chunk, str(build_dir), cfg.reader, cfg.validation)
+                pending[future] = len(chunk)
+            while pending:
+                bar.update(_collect(pending, futures.ALL_COMPLETED))
+    bar.close()
+    if skipped:
+        _log(progress, f"resumed: {skipped} of {num_chunks} chunks were already done")
+    return num_chunks
+
+
+def _collect(pending: dict, mode) -> int:
+    done, _ = futures.wait(pending, return_when=mode)
+    finished = 0
+    for future in done:
+        future.result()  # re-raise a worker crash here, with its traceback
+        finished += pending.pop(future)
+    return finished
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+# ---------------------------------------------------------------------------------------------
+def _check_split_config(shard: ShardConfig) -> None:
+    fractions = dict(shard.split_fractions)
+    if shard.split in ("auto", "hash"):
+        if not fractions or any(v < 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
+            raise ConfigError(f"config key 'data.shard.split_fractions': must be >= 0 and sum to 1, got {fractions}")
+
+
+def hash_fraction(record_id: str) -> float:
+    """A uniform number in [0, 1) from the id: sha256 -> first 8 bytes."""
+    digest = hashlib.sha256(record_id.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(record_id: str, input_split: str | None, shard: ShardConfig) -> str:
+    """The input's own split (mode auto), else by hash of the id; or one fixed split."""
+    if shard.split not in ("auto", "hash"):
+        return shard.split
+    if shard.split == "auto" and input_split:
+        return input_split
+    u = hash_fraction(record_id)
+    cumulative = 0.0
+    names = list(shard.split_fractions)
+    for name in names:
+        cumulative += shard.split_fractions[name]
+        if u < cumulative:
+            return name
+    return names[-1]  # rounding of the cumulative sum
+
+
+def iter_chunk_results(build_dir: Path, num_chunks: int) -> Iterator[list]:
+    for k in range(num_chunks):
+        path = chunk_path(build_dir, k)
+        payload = msgpack.unpackb(path.read_bytes(), raw=False)
+        if payload.get("v") != CHUNK_FORMAT_VERSION or payload.get("chunk") != k:
+            raise RuntimeError(f"{path} is not chunk {k} of this build; rerun with --restart")
+        yield from payload["results"]
+
+
+def assemble(
+    build_dir: Path, num_chunks: int, out_dir: Path, cfg: DataConfig, *, fmt: str, sources: list[dict],
+    progress: bool,
+) -> BuildSummary:
+    from tqdm import tqdm
+
+    from xtalgen.sharding import ShardSetWriter
+
+    writer = ShardSetWriter(out_dir, fmt=fmt, records_per_shard=cfg.shard.records_per_shard)
+    rejects_path = out_dir / REJECTS_NAME
+    rejects_tmp = rejects_path.with_name(REJECTS_NAME + ".tmp")
+    seen_ids: dict[str, str] = {}  # id -> source of the accepted record
+    by_reason: Counter[str] = Counter()
+    by_split: Counter[str] = Counter()
+    read = 0
+    with open(rejects_tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+        rejects = csv.writer(handle, lineterminator="\n")
+        rejects.writerow(REJECTS_COLUMNS)
+        for entry in tqdm(iter_chunk_results(build_dir, num_chunks), desc="write shards", unit=" structures",
+                          disable=not progress, file=sys.stderr):
+            read += 1
+            if entry[0] == "x":
+                _, rid, source, reason, detail = entry
+            else:
+                _, rid, source, input_split, data = entry
+                if rid not in seen_ids:
+                    seen_ids[rid] = source
+                    split = assign_split(rid, input_split, cfg.shard)
+                    writer.add(split, decode_record(data))
+                    by_split[split] += 1
+                    continue
+                reason, detail = "duplicate_id", f"id already accepted from {seen_ids[rid]}"
+            by_reason[reason] += 1
+            rejects.writerow([rid, source, reason, detail])
+    os.replace(rejects_tmp, rejects_path)
+    config = dataclasses.asdict(cfg)
+    config["shard"].update(format=fmt, workers=None)  # the worker count never changes the output
+    config["shards"] = ""
+    writer.finalize(sources=sources, rejected=dict(sorted(by_reason.items())), config=config)
+    accepted = sum(by_split.values())
+    return BuildSummary(
+        read=read, accepted=accepted, rejected=read - accepted,
+        by_reason=dict(sorted(by_reason.items())), by_split=dict(sorted(by_split.items())),
+        out_dir=out_dir, manifest_path=out_dir / "manifest.json", rejects_path=rejects_path,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _load_state(build_dir: Path) -> dict | None:
+    path = build_dir / STATE_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"fingerprint": None}  # unreadable state: treated as another build
+
+
+def _summary_from_dict(d: dict) -> BuildSummary:
+    return BuildSummary(
+        read=d["read"], accepted=d["accepted"], rejected=d["rejected"], by_reason=d["by_reason"],
+        by_split=d["by_split"], out_dir=Path(d["out_dir"]), manifest_path=Path(d["manifest_path"]),
+        rejects_path=Path(d["rejects_path"]),
+    )
+
+
+def _log(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
