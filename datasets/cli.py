@@ -1,0 +1,218 @@
+"""`xtalgen data ...` and `xtalgen shard ...`: parse arguments, call the library, print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+DATA_EPILOG = """examples:
+  xtalgen data download mp_20 --out data/mp_20
+  xtalgen data download alex_mp_20 --out data/alex_mp_20 --url https://mirror.example/alex_mp_20.zip \\
+      --sha256 <expected sha256>
+"""
+
+SHARD_EPILOG = """examples:
+  xtalgen shard build data/mp_20/*.csv --out shards/mp_20 --format lmdb --workers 8
+  xtalgen shard build builtin:aflow --out shards/aflow validation.max_atoms=40
+  xtalgen shard verify shards/mp_20
+  xtalgen shard stats shards/mp_20
+  xtalgen shard subset shards/alex_mp_20 --property dft_mag_density --max 5000
+"""
+
+BUILD_EPILOG = """examples:
+  xtalgen shard build perov_5/train.csv perov_5/val.csv --out shards/perov --format lmdb --workers 2
+  xtalgen shard build data/alex_mp_20 --out shards/alex --format webdataset --config my.yaml \\
+      shard.records_per_shard=50000 validation.min_distance=0.4
+
+Overrides (key=value) apply to the `data` section of the config (`data.` may be omitted).
+Outputs: OUT/manifest.json, OUT/lmdb/ or OUT/wds/, OUT/index/, OUT/rejects.csv.
+A killed build resumes when the same command is run again.
+"""
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Accepts positionals after options (`--out DIR shard.workers=4`), as people type overrides.
+    argparse only does this through parse_known_intermixed_args, which calls back into
+    parse_known_args; the flag routes that inner call to the plain implementation."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+def register(subparsers) -> None:
+    _register_data(subparsers)
+    _register_shard(subparsers)
+
+
+def _register_data(subparsers) -> None:
+    data = subparsers.add_parser("data", help="download public crystal datasets",
+                                 description="Download public crystal datasets.", epilog=DATA_EPILOG,
+                                 formatter_class=RAW)
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    download = sub.add_parser("download", help="download, verify and unpack a dataset",
+                              description="Download (resumable), check sha256 and unpack a public dataset.",
+                              epilog=DATA_EPILOG, formatter_class=RAW)
+    download.add_argument("name", help="mp_20, alex_mp_20, perov_5 or carbon_24")
+    download.add_argument("--out", required=True, type=Path, help="folder to put the CSV files in")
+    download.add_argument("--url", help="download from this URL instead of the default source")
+    download.add_argument("--sha256", help="expected sha256 of the downloaded file")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+    download.set_defaults(func=_download)
+    data.set_defaults(func=lambda args: _help(data))
+
+
+def _register_shard(subparsers) -> None:
+    shard = subparsers.add_parser("shard", help="build, verify, inspect and subset shard sets",
+                                  description="Build, verify, inspect and subset shard sets.",
+                                  epilog=SHARD_EPILOG, formatter_class=RAW)
+    sub = shard.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", parser_class=_IntermixedParser)
+
+    build = sub.add_parser("build", help="validate inputs and write LMDB or WebDataset shards",
+                           description="Read, validate and shard crystal structures (parallel, "
+                                       "deterministic, resumable).", epilog=BUILD_EPILOG, formatter_class=RAW)
+    build.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="CSV files with a cif column, folders/zips of CIFs, .extxyz, ASE .db, builtin:aflow; "
+                            "and key=value config overrides")
+    build.add_argument("--out", required=True, type=Path, help="shard directory to write")
+    build.add_argument("--format", choices=("lmdb", "webdataset"), help="shard format (default: config)")
+    build.add_argument("--workers", type=int, help="parallel worker processes (default: config)")
+    build.add_argument("--config", action="append", default=[], metavar="YAML",
+                       help="config file or preset to merge (repeatable)")
+    build.add_argument("--restart", action="store_true", help="discard an unfinished build in OUT and start over")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.set_defaults(func=_build)
+
+    verify = sub.add_parser("verify", help="recheck checksums, counts and every record",
+                            description="Recheck a shard set against its manifest: sha256 and size of every "
+                                        "file, every record's crc32 and decoding, record counts. Exits 1 and "
+                                        "names each broken shard.",
+                            epilog="example:\n  xtalgen shard verify shards/mp_20", formatter_class=RAW)
+    verify.add_argument("dir", type=Path)
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(func=_verify)
+
+    stats = sub.add_parser("stats", help="counts, atoms histogram, density, elements, property coverage",
+                           description="Print the statistics of a shard set as tables.",
+                           epilog="examples:\n  xtalgen shard stats shards/mp_20\n"
+                                  "  xtalgen shard stats shards/mp_20 --json > stats.json", formatter_class=RAW)
+    stats.add_argument("dir", type=Path)
+    stats.add_argument("--recompute", action="store_true", help="rescan every record instead of the manifest")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    stats.set_defaults(func=_stats)
+
+    subset = sub.add_parser("subset", help="index of the records that carry a property (no data copied)",
+                            description="Write DIR/subsets/<property>[-N].json: the indices of records carrying "
+                                        "a property, capped at N in a seeded hash order (nested: the 5k subset "
+                                        "is inside the 50k one). Loaders take it as `subset=<name>`.",
+                            epilog="examples:\n  xtalgen shard subset shards/alex --property dft_mag_density\n"
+                                   "  xtalgen shard subset shards/alex --property dft_bulk_modulus --max 5000",
+                            formatter_class=RAW)
+    subset.add_argument("dir", type=Path)
+    subset.add_argument("--property", required=True, dest="property_name")
+    subset.add_argument("--max", type=int, dest="max_n", help="keep at most N records per split")
+    subset.add_argument("--split", action="append", help="split(s) to index (default: train)")
+    subset.add_argument("--all-splits", action="store_true", help="index every split")
+    subset.add_argument("--seed", type=int, default=0, help="seed of the hash order used with --max")
+    subset.set_defaults(func=_subset)
+    shard.set_defaults(func=lambda args: _help(shard))
+
+
+# --- handlers ----------------------------------------------------------------------------------------
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"xtalgen: error: {message}", file=sys.stderr)
+    return 2
+
+
+def split_inputs_and_overrides(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """INPUT tokens vs `key=value` overrides (a token with '=' that is not an existing path)."""
+    inputs, overrides = [], []
+    for token in tokens:
+        is_override = "=" in token and not Path(token).exists() and not token.startswith("builtin:")
+        (overrides if is_override else inputs).append(token)
+    return inputs, [o if o.startswith("data.") else f"data.{o}" for o in overrides]
+
+
+def _build(args) -> int:
+    from xtalgen.datasets.build import build_shards
+    from xtalgen.schema import load_config
+
+    inputs, overrides = split_inputs_and_overrides(args.inputs)
+    if not inputs:
+        return _fail("no INPUT given (only key=value overrides)")
+    cfg = load_config(args.config, overrides).data
+    summary = build_shards(inputs, args.out, cfg, fmt=args.format, workers=args.workers,
+                           progress=not args.quiet, restart=args.restart)
+    print(f"read {summary.read} = accepted {summary.accepted} + rejected {summary.rejected}")
+    for split, count in summary.by_split.items():
+        print(f"  {split:<10}{count:>10}")
+    for reason, count in summary.by_reason.items():
+        print(f"  rejected {reason:<22}{count:>8}")
+    print(f"shards:   {summary.out_dir}\nmanifest: {summary.manifest_path}\nrejects:  {summary.rejects_path}")
+    return 0
+
+
+def _verify(args) -> int:
+    from xtalgen.sharding import verify_shards
+
+    try:
+        report = verify_shards(args.dir, progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xtalgen: error: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _stats(args) -> int:
+    from xtalgen.sharding import format_stats, shard_stats
+
+    try:
+        stats = shard_stats(args.dir, recompute=args.recompute, progress=args.recompute)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(stats, indent=1, sort_keys=True) if args.json else format_stats(stats))
+    return 0
+
+
+def _subset(args) -> int:
+    from xtalgen.sharding import load_subset, make_subset
+
+    split = None if args.all_splits else (args.split or "train")
+    try:
+        path = make_subset(args.dir, args.property_name, max_n=args.max_n, split=split, seed=args.seed,
+                           progress=True)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        return _fail(str(exc).strip("'\""))
+    for name, info in load_subset(args.dir, path)["splits"].items():
+        print(f"  {name:<10}{info['count']:>10} of {info['available']} carrying {args.property_name}")
+    print(f"subset: {path.stem}  ({path})")
+    return 0
+
+
+def _download(args) -> int:
+    from xtalgen.datasets.download import download_dataset
+
+    try:
+        folder = download_dataset(args.name, args.out, url=args.url, sha256=args.sha256, progress=not args.quiet)
+    except (KeyError, ValueError, OSError) as exc:
+        return _fail(str(exc).strip("'\""))
+    print(f"downloaded {args.name} to {folder}")
+    print(f"next: xtalgen shard build {folder} --out shards/{args.name}")
+    return 0
