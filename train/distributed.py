@@ -1,0 +1,126 @@
+"""Process-group setup for every launcher: plain `python`, `torchrun`, the `deepspeed` launcher, `srun`.
+
+Rank and world size come from, in order: the torch launcher variables (RANK/WORLD_SIZE/LOCAL_RANK,
+set by torchrun and the deepspeed launcher), then Slurm's (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID,
+one task per process under `srun`), then a single process. The rendezvous address under Slurm is
+the first host of the allocation (`scontrol show hostnames`). Backend: NCCL with CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _slurm_master_addr(env: dict[str, str]) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        hosts = []
+    # Without scontrol (e.g. a container), a plain single-host nodelist is already a hostname.
+    return hosts[0] if hosts else nodelist.split(",")[0]
+
+
+def launcher_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The MASTER_ADDR/MASTER_PORT/RANK/LOCAL_RANK/WORLD_SIZE this process should use."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or a user's own setup
+        resolved = {
+            "RANK": env["RANK"],
+            "WORLD_SIZE": env["WORLD_SIZE"],
+            "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT", str(DEFAULT_PORT)),
+        }
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per process
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        resolved = {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or _slurm_master_addr(env),
+            # A port derived from the job id lets two jobs share a node without colliding.
+            "MASTER_PORT": env.get("MASTER_PORT") or str(DEFAULT_PORT + job_id % 10000),
+        }
+    else:  # one process
+        resolved = {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port()),
+        }
+    return resolved
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device."""
+    import datetime
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.update(launcher_environment())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accelerator = get_accelerator()
+    on_gpu = accelerator.device_name() == "cuda"
+    backend = "nccl" if on_gpu else "gloo"
+    if on_gpu:
+        accelerator.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    device = torch.device(accelerator.device_name(local_rank)) if on_gpu else torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small float64 tensor over ranks (no-op with one process); returns a CPU tensor."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    # NCCL needs device tensors; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    buffer = values.to(device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.cpu()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
