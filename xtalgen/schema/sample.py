@@ -32,3 +32,8 @@ class EvaluateConfig:
     stol: float = 0.3
     angle_tol: float = 5.0
     workers: int = 1
+    device: str = "cpu"  # where the potential runs
+    cache_dir: str = ""  # reference energies cache; "" = $XTALGEN_CACHE or ~/.cache/xtalgen
+    elemental_reference: str = ""  # ComputedEntry dicts (json[.gz]); "" = built in, same potential
+    reference_relax: bool = True  # relax reference structures (False: single-point energies)
+    symprec: float = 0.1  # Å, spglib tolerance for space groups

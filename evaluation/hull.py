@@ -1,0 +1,219 @@
+"""Energy above the convex hull against a reference set computed with the evaluation potential.
+
+Energies of generated structures only mean something next to references computed with the same
+potential, so the reference set is built here, once, and cached:
+
+* training (reference) structures relaxed with the potential, one JSONL line per structure in
+  `CACHE/references/<key>/<potential>.jsonl` where `<key>` is the shard set's manifest hash (or a
+  sha256 of the input files). Only the structures whose chemical system lies inside one of the
+  evaluated systems are relaxed, on demand; the file grows across runs and a killed run loses
+  nothing (lines are appended as they finish);
+* elemental references (`CACHE/elemental/<potential>.json`): for each element, the lowest energy per
+  atom among fcc, bcc, hcp, diamond and simple cubic cells (plus a dimer in a box for the diatomic
+  gases), each relaxed with the potential. This is the built-in fallback; a downloaded set replaces
+  it: `load_elemental_entries(path)` reads pymatgen `ComputedEntry` dicts (a list, or a dict keyed
+  by element, json or json.gz - e.g. Matbench Discovery's `mp_elemental_reference_entries.json.gz`),
+  usable when their energies are on the potential's scale (CHGNet is fitted to Materials Project
+  energies with MP2020 corrections, so MP entries are close but not identical).
+
+Phase diagrams are built per chemical system (pymatgen `PhaseDiagram`) from the references whose
+elements are a subset of it, and cached per system: a hull over all elements at once would be a
+qhull problem in ~90 dimensions.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+from pymatgen.core import Composition, Element, Lattice, Structure
+
+DIATOMIC_GASES = {"H": 0.74, "N": 1.10, "O": 1.21, "F": 1.42, "Cl": 1.99, "Br": 2.28, "I": 2.67}  # Å
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XTALGEN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "xtalgen"))
+    return Path(root) / "evaluation"
+
+
+# --- elemental references ----------------------------------------------------------------------
+def elemental_prototypes(symbol: str) -> dict[str, tuple[Structure, bool]]:
+    """Candidate cells of one element: name -> (structure, relax the cell?). Sizes from the
+    element's radius; relaxation sets the real lattice constant."""
+    element = Element(symbol)
+    radius = float(element.atomic_radius or element.atomic_radius_calculated or 1.5)
+    candidates = {
+        "fcc": Structure(Lattice.cubic(2 * np.sqrt(2) * radius), [symbol] * 4,
+                         [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]),
+        "bcc": Structure(Lattice.cubic(4 * radius / np.sqrt(3)), [symbol] * 2, [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "hcp": Structure(Lattice.hexagonal(2 * radius, 2 * radius * np.sqrt(8 / 3)), [symbol] * 2,
+                         [[1 / 3, 2 / 3, 0.25], [2 / 3, 1 / 3, 0.75]]),
+        "diamond": Structure(Lattice.cubic(8 * radius / np.sqrt(3)), [symbol] * 8,
+                             [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
+                              [0.25, 0.25, 0.25], [0.75, 0.75, 0.25], [0.75, 0.25, 0.75], [0.25, 0.75, 0.75]]),
+        "sc": Structure(Lattice.cubic(2 * radius), [symbol], [[0, 0, 0]]),
+    }
+    # Primitive cells: fewer atoms, same energy per atom, cheaper relaxations.
+    out = {name: (s.get_primitive_structure(), True) for name, s in candidates.items()}
+    if symbol in DIATOMIC_GASES:
+        box = 10.0  # Å: images beyond the potential's cutoff, so the molecule is isolated
+        bond = DIATOMIC_GASES[symbol] / box
+        dimer = Structure(Lattice.cubic(box), [symbol] * 2, [[0.5 - bond / 2, 0.5, 0.5], [0.5 + bond / 2, 0.5, 0.5]])
+        out["dimer"] = (dimer, False)
+    return out
+
+
+def compute_elemental_references(
+    elements: Iterable[str],
+    potential,
+    cache_dir: str | Path | None = None,
+    *,
+    fmax: float = 0.05,
+    steps: int = 300,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """{symbol: {"energy_per_atom", "prototype"}} for `elements`, computing only what the cache
+    (`cache_dir/elemental/<potential>.json`) lacks, and saving after each element."""
+    path = Path(cache_dir or default_cache_dir()) / "elemental" / f"{potential.name}.json"
+    cache: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    missing = sorted(set(elements) - set(cache))
+    if missing:
+        from tqdm.auto import tqdm
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for symbol in tqdm(missing, desc="elemental references", disable=not progress):
+            best: dict | None = None
+            for name, (structure, relax_cell) in elemental_prototypes(symbol).items():
+                try:
+                    result = potential.relax(structure, fmax=fmax, steps=steps, relax_cell=relax_cell)
+                except Exception:  # a prototype the potential cannot handle is just not a candidate
+                    continue
+                if np.isfinite(result.energy_per_atom) and (best is None or result.energy_per_atom < best["energy_per_atom"]):
+                    best = {"energy_per_atom": result.energy_per_atom, "prototype": name}
+            if best is not None:
+                cache[symbol] = best
+                _write_json_atomic(path, cache)
+    return {s: cache[s] for s in elements if s in cache}
+
+
+def load_elemental_entries(path: str | Path) -> dict[str, float]:
+    """Lowest energy per atom by element from pymatgen ComputedEntry dicts (json / json.gz)."""
+    from pymatgen.entries.computed_entries import ComputedEntry
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        data = json.load(handle)
+    items = data.values() if isinstance(data, dict) else data
+    best: dict[str, float] = {}
+    for item in items:
+        entry = ComputedEntry.from_dict(item)
+        if len(entry.composition.elements) != 1:
+            continue
+        symbol = entry.composition.elements[0].symbol
+        best[symbol] = min(best.get(symbol, np.inf), entry.energy_per_atom)
+    return best
+
+
+# --- reference energies of training structures ------------------------------------------------
+def reference_key(source: str | Path) -> str:
+    """Identity of a reference set: the manifest hash for a shard set, else sha256 of the file(s)."""
+    path = Path(source)
+    if (path / "manifest.json").exists():
+        from xtalgen.sharding import manifest_hash
+
+        return manifest_hash(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ReferenceEnergyStore:
+    """Append-only JSONL of reference energies: {"id", "composition", "energy_per_atom"} per line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        rows: dict[str, dict] = {}
+        if not self.path.exists():
+            return rows
+        with open(self.path) as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: recomputed next time
+                    continue
+                rows[row["id"]] = row
+        return rows
+
+    def append(self, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+# --- the hull -----------------------------------------------------------------------------------
+class ConvexHullReference:
+    """Energies above the hull of a set of (composition, energy per atom) references."""
+
+    def __init__(self, compositions: Sequence[Composition], energies_per_atom: Sequence[float]):
+        self._by_system: dict[frozenset[str], list[PDEntry]] = {}
+        for composition, energy in zip(compositions, energies_per_atom):
+            if not np.isfinite(energy):
+                continue
+            composition = Composition(composition)
+            entry = PDEntry(composition, float(energy) * composition.num_atoms)
+            system = frozenset(el.symbol for el in composition.elements)
+            self._by_system.setdefault(system, []).append(entry)
+        self._diagram = lru_cache(maxsize=4096)(self._build_diagram)
+
+    @property
+    def elements(self) -> set[str]:
+        return {next(iter(s)) for s in self._by_system if len(s) == 1}
+
+    def _build_diagram(self, system: frozenset[str]) -> PhaseDiagram:
+        entries = []
+        for size in range(1, len(system) + 1):
+            for subset in itertools.combinations(sorted(system), size):
+                entries.extend(self._by_system.get(frozenset(subset), []))
+        return PhaseDiagram(entries)
+
+    def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float:
+        """eV/atom above the hull; negative when below it. NaN when an element has no reference."""
+        composition = Composition(composition)
+        system = frozenset(el.symbol for el in composition.elements)
+        if not system <= self.elements or not np.isfinite(energy_per_atom):
+            return float("nan")
+        diagram = self._diagram(system)
+        entry = PDEntry(composition, float(energy_per_atom) * composition.num_atoms)
+        _, e_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
+        return float(e_hull)
+
+    def formation_energy_per_atom(self, composition: Composition, energy_per_atom: float) -> float:
+        composition = Composition(composition)
+        system = frozenset(el.symbol for el in composition.elements)
+        if not system <= self.elements:
+            return float("nan")
+        entry = PDEntry(composition, float(energy_per_atom) * composition.num_atoms)
+        return float(self._diagram(system).get_form_energy_per_atom(entry))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)

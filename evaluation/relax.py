@@ -1,0 +1,257 @@
+"""Relaxation with a machine-learning interatomic potential, chosen by name from a registry.
+
+`chgnet` (the default) ships its weights in its wheel and relaxes with its own
+`chgnet.model.StructOptimizer` (FIRE + FrechetCellFilter). Other potentials plug in by name:
+`mace` (mace-torch's `mace_mp`) and `mattersim` are registered when their packages are installed,
+and `register_potential` adds any ASE calculator. `relax_many` runs a list of structures over a
+pool of processes, each loading the potential once, and yields results as they finish so that the
+caller can append them to a resumable log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pymatgen.core import Structure
+
+
+@dataclass
+class RelaxResult:
+    structure: Structure  # relaxed
+    energy_per_atom: float  # eV/atom of the relaxed structure
+    initial_energy_per_atom: float  # eV/atom of the input structure
+    converged: bool
+    steps: int  # optimizer steps taken
+    rmsd: float  # Å, RMS displacement of atoms from input to relaxed (see `displacement_rmsd`)
+    magmoms: list[float] = field(default_factory=list)  # μB per site, when the potential gives them
+
+    def to_json(self) -> dict:
+        return {
+            "relaxed_structure": self.structure.as_dict(),
+            "energy_per_atom": self.energy_per_atom,
+            "initial_energy_per_atom": self.initial_energy_per_atom,
+            "converged": self.converged,
+            "relax_steps": self.steps,
+            "rmsd": self.rmsd,
+            "magmoms": self.magmoms,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> RelaxResult:
+        return cls(
+            structure=Structure.from_dict(data["relaxed_structure"]),
+            energy_per_atom=data["energy_per_atom"],
+            initial_energy_per_atom=data["initial_energy_per_atom"],
+            converged=data["converged"],
+            steps=data["relax_steps"],
+            rmsd=data["rmsd"],
+            magmoms=list(data.get("magmoms") or []),
+        )
+
+
+class Potential:
+    """Interface of an interatomic potential used by the evaluator."""
+
+    name = "base"
+
+    def relax(
+        self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
+    ) -> RelaxResult:
+        raise NotImplementedError
+
+    def energies_per_atom(self, structures: Sequence[Structure]) -> list[float]:
+        """Single-point energies (eV/atom), no relaxation."""
+        raise NotImplementedError
+
+
+def displacement_rmsd(initial: Structure, relaxed: Structure) -> float:
+    """RMS displacement (Å) between the same atoms before and after an in-place relaxation.
+
+    Fractional displacements are wrapped to the nearest image and their mean (a rigid drift of the
+    whole crystal, which changes nothing) is removed before converting with the relaxed lattice.
+    """
+    delta = relaxed.frac_coords - initial.frac_coords  # (N, 3)
+    delta -= np.round(delta)
+    delta -= delta.mean(axis=0)
+    cart = delta @ relaxed.lattice.matrix  # (N, 3) Å
+    return float(np.sqrt((cart**2).sum(axis=1).mean()))
+
+
+class CHGNetPotential(Potential):
+    """CHGNet 0.4.x (weights ship in the wheel) through its own StructOptimizer."""
+
+    name = "chgnet"
+
+    def __init__(self, device: str = "cpu", batch_size: int = 4):
+        from chgnet.model import CHGNet, StructOptimizer
+
+        with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its banner on load
+            self.model = CHGNet.load(verbose=False, use_device=device)
+            self.optimizer = StructOptimizer(model=self.model, use_device=device)
+        self.batch_size = batch_size
+
+    def energies_per_atom(self, structures: Sequence[Structure]) -> list[float]:
+        if not structures:
+            return []
+        predictions = self.model.predict_structure(
+            list(structures), task="e", batch_size=self.batch_size, return_site_energies=False
+        )
+        if isinstance(predictions, dict):  # one structure → one dict
+            predictions = [predictions]
+        return [float(p["e"]) for p in predictions]
+
+    def relax(
+        self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
+    ) -> RelaxResult:
+        output = self.optimizer.relax(
+            structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
+        )
+        relaxed: Structure = output["final_structure"]
+        trajectory = output["trajectory"]
+        n_atoms = len(structure)
+        # The observer records the start, every step, and once more at the end: steps = len - 2.
+        steps_taken = max(len(trajectory.energies) - 2, 0)
+        magmoms = [float(m) for m in relaxed.site_properties.get("magmom", [])]
+        return RelaxResult(
+            structure=relaxed,
+            energy_per_atom=float(trajectory.energies[-1]) / n_atoms,
+            initial_energy_per_atom=float(trajectory.energies[0]) / n_atoms,
+            converged=steps_taken < steps,
+            steps=steps_taken,
+            rmsd=displacement_rmsd(structure, relaxed),
+            magmoms=magmoms,
+        )
+
+
+class ASECalculatorPotential(Potential):
+    """Any ASE calculator, relaxed with ASE's FIRE on a FrechetCellFilter (cell + positions)."""
+
+    def __init__(self, calculator, name: str = "ase"):
+        self.calculator = calculator
+        self.name = name
+
+    def _atoms(self, structure: Structure):
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.calc = self.calculator
+        return atoms
+
+    def energies_per_atom(self, structures: Sequence[Structure]) -> list[float]:
+        return [float(self._atoms(s).get_potential_energy()) / len(s) for s in structures]
+
+    def relax(
+        self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
+    ) -> RelaxResult:
+        from ase.filters import FrechetCellFilter
+        from ase.optimize import FIRE
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        atoms = self._atoms(structure)
+        n_atoms = len(structure)
+        initial_energy = float(atoms.get_potential_energy()) / n_atoms
+        optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
+        converged = bool(optimizer.run(fmax=fmax, steps=steps))
+        relaxed = AseAtomsAdaptor.get_structure(atoms)
+        with contextlib.suppress(Exception):  # not every calculator computes magnetic moments
+            relaxed.add_site_property("magmom", [float(m) for m in atoms.get_magnetic_moments()])
+        return RelaxResult(
+            structure=relaxed,
+            energy_per_atom=float(atoms.get_potential_energy()) / n_atoms,
+            initial_energy_per_atom=initial_energy,
+            converged=converged,
+            steps=int(optimizer.nsteps),
+            rmsd=displacement_rmsd(structure, relaxed),
+            magmoms=[float(m) for m in relaxed.site_properties.get("magmom", [])],
+        )
+
+
+def _mace_factory(device: str = "cpu", **_) -> Potential:
+    from mace.calculators import mace_mp
+
+    return ASECalculatorPotential(mace_mp(model="medium", device=device, default_dtype="float64"), "mace")
+
+
+def _mattersim_factory(device: str = "cpu", **_) -> Potential:
+    from mattersim.forcefield import MatterSimCalculator
+
+    return ASECalculatorPotential(MatterSimCalculator(device=device), "mattersim")
+
+
+POTENTIALS: dict[str, Callable[..., Potential]] = {
+    "chgnet": lambda device="cpu", **kw: CHGNetPotential(device=device, **kw),
+    "mace": _mace_factory,
+    "mattersim": _mattersim_factory,
+}
+
+
+def register_potential(name: str, factory: Callable[..., Potential]) -> None:
+    """Make `evaluate.potential=<name>` load `factory(device=...)` (e.g. an ASECalculatorPotential)."""
+    POTENTIALS[name] = factory
+
+
+def load_potential(name: str, device: str = "cpu", **kwargs) -> Potential:
+    if name not in POTENTIALS:
+        raise ValueError(f"unknown potential {name!r}; registered: {sorted(POTENTIALS)}")
+    try:
+        return POTENTIALS[name](device=device, **kwargs)
+    except ImportError as exc:
+        raise ValueError(f"potential {name!r} is not installed here ({exc})") from exc
+
+
+# --- parallel relaxation ----------------------------------------------------------------------
+_WORKER_POTENTIAL: Potential | None = None
+
+
+def _init_worker(name: str, threads: int) -> None:
+    import torch
+
+    global _WORKER_POTENTIAL
+    torch.set_num_threads(threads)
+    _WORKER_POTENTIAL = load_potential(name)
+
+
+def _relax_task(task: tuple[int, dict, float, int]) -> tuple[int, dict | None, str]:
+    index, structure_dict, fmax, steps = task
+    try:
+        result = _WORKER_POTENTIAL.relax(Structure.from_dict(structure_dict), fmax=fmax, steps=steps)
+        return index, result.to_json(), ""
+    except Exception as exc:  # one structure that breaks the potential must not stop the run
+        return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def relax_many(
+    structures: Sequence[tuple[int, Structure]],
+    potential: str | Potential = "chgnet",
+    *,
+    workers: int = 1,
+    fmax: float = 0.05,
+    steps: int = 500,
+) -> Iterator[tuple[int, RelaxResult | None, str]]:
+    """Relax (index, structure) pairs; yield (index, result or None, error) in completion order.
+
+    With `workers > 1` a pool of spawned processes each loads the potential once (by name) and
+    uses `cpu_count // workers` threads, so the cores are shared rather than oversubscribed.
+    """
+    if workers <= 1 or len(structures) <= 1:
+        model = load_potential(potential) if isinstance(potential, str) else potential
+        for index, structure in structures:
+            try:
+                yield index, model.relax(structure, fmax=fmax, steps=steps), ""
+            except Exception as exc:  # see _relax_task
+                yield index, None, f"{type(exc).__name__}: {exc}"
+        return
+    if not isinstance(potential, str):
+        raise ValueError("parallel relaxation needs the potential by registry name")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    tasks = [(i, s.as_dict(), fmax, steps) for i, s in structures]
+    context = mp.get_context("spawn")  # fork after torch threads start can deadlock
+    with context.Pool(workers, initializer=_init_worker, initargs=(potential, threads)) as pool:
+        for index, payload, error in pool.imap_unordered(_relax_task, tasks, chunksize=1):
+            yield index, (RelaxResult.from_json(payload) if payload is not None else None), error
