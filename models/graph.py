@@ -30,6 +30,8 @@ DEFAULT_MAX_PAIRS_PER_CHUNK = 1 << 21
 # for millions of images; neighbours beyond the cap are then missed, which only happens for cells
 # thinner than cutoff / MAX_IMAGES_PER_DIM Å.
 DEFAULT_MAX_IMAGES_PER_DIM = 12
+# Neighbour ranking resolves distances to 1e-8 Å (see `_edges_of_structures`).
+DISTANCE_RESOLUTION_INV = 1e8
 
 
 class PeriodicGraph(NamedTuple):
@@ -154,7 +156,10 @@ def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images
     source, target, shift, dist = source[keep], target[keep], shift[keep], dist[keep]
 
     # Order by target, then distance, then enumeration order (source, image): two stable sorts.
-    order = torch.sort(dist, stable=True).indices
+    # Distances are compared on a 1e-8 Å grid so that shells which are exactly degenerate (a cubic
+    # cell's images along a, b and c) stay ties after a rotation of the frame adds rounding noise;
+    # the frame-independent enumeration order then decides.
+    order = torch.sort(torch.round(dist * DISTANCE_RESOLUTION_INV), stable=True).indices
     order = order[torch.sort(target[order], stable=True).indices]
     source, target, shift = source[order], target[order], shift[order]
     if max_neighbors is not None and max_neighbors > 0 and target.numel():

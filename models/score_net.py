@@ -194,7 +194,8 @@ class ScoreNetwork(nn.Module):
         """(B, 3, 3): mean_e w_e r_hat r_hat^T + mean_atoms(iso) * I, both per structure."""
         edge_hidden = torch.nn.functional.silu(self.edge_src(s[source] + s[target]) * self.edge_rbf(rbf))
         weight = self.edge_weight(edge_hidden)  # (E, 1)
-        outer = (weight[:, :, None] * unit_vec[:, :, None] * unit_vec[:, None, :]).reshape(-1, 9)  # (E, 9)
+        # r_hat r_hat^T first: it is exactly symmetric in floating point, and so is its weighted sum.
+        outer = (weight[:, :, None] * (unit_vec[:, :, None] * unit_vec[:, None, :])).reshape(-1, 9)  # (E, 9)
         edge_struct = batch_index[target]  # (E,)
         aniso = outer.new_zeros(num_structures, 9).index_add_(0, edge_struct, outer)
         edges_per_struct = torch.bincount(edge_struct, minlength=num_structures).clamp_min(1)

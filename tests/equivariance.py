@@ -56,11 +56,15 @@ def flat_batch(structures: list[Structure], dtype=torch.float64) -> FlatBatch:
     )
 
 
-def jitter(batch: FlatBatch, sigma_frac: float, generator: torch.Generator) -> FlatBatch:
-    """Add Gaussian noise to fractional coordinates: breaks the exact distance ties of symmetric
-    crystals (as diffusion noise does), so a top-k neighbour cut is well defined."""
-    noise = sigma_frac * torch.randn(batch.frac_coords.shape, generator=generator, dtype=batch.frac_coords.dtype)
-    return replace(batch, frac_coords=(batch.frac_coords + noise) % 1.0)
+def jitter(batch: FlatBatch, sigma_frac: float, generator: torch.Generator, sigma_lattice: float = 0.0) -> FlatBatch:
+    """Add Gaussian noise to fractional coordinates (and, relative, to the lattice): breaks the exact
+    distance ties of symmetric crystals (as diffusion noise does), so a top-k neighbour cut is well
+    defined. Position noise alone leaves the ties between an atom's own images in a cubic cell."""
+    dtype = batch.frac_coords.dtype
+    noise = sigma_frac * torch.randn(batch.frac_coords.shape, generator=generator, dtype=dtype)
+    strain = sigma_lattice * torch.randn(batch.lattice.shape, generator=generator, dtype=dtype)
+    lattice = batch.lattice @ (torch.eye(3, dtype=dtype) + strain)
+    return replace(batch, frac_coords=(batch.frac_coords + noise) % 1.0, lattice=lattice)
 
 
 def random_rotation(generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
