@@ -136,7 +136,6 @@ def build_shards(
                                          "assembly": assembly, "summary": summary.to_dict()})
     for chunk in build_dir.glob("chunk-*.msgpack"):
         chunk.unlink()
-    _log(progress, summary.describe())
     return summary
 
 

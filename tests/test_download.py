@@ -1,0 +1,182 @@
+"""Downloads against a local HTTP server (127.0.0.1, in a thread) serving files the test makes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import sys
+import threading
+import zipfile
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from xtalgen.datasets.download import (
+    DATASETS,
+    ChecksumError,
+    DownloadError,
+    download_dataset,
+    fetch_source,
+    file_hashes,
+    resolve_source,
+    safe_unzip,
+)
+from xtalgen.datasets.readers import iter_raw_items
+from xtalgen.schema import ReaderConfig
+
+csv.field_size_limit(sys.maxsize)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves `server.files` (name -> bytes) with Range support; `server.cut` names files whose
+    first full response is cut halfway (the connection drops after half of the bytes)."""
+
+    def do_GET(self):  # noqa: N802 (http.server API)
+        server = self.server
+        name = self.path.lstrip("/")
+        server.requests.append((name, self.headers.get("Range")))
+        if name not in server.files:
+            self.send_error(404)
+            return
+        data = server.files[name]
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if name in server.cut and start == 0:
+            server.cut.discard(name)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.files, httpd.cut, httpd.requests = {}, set(), []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _csv_bytes(src: Path, n: int) -> bytes:
+    with open(src, newline="") as handle:
+        lines = list(islice(csv.reader(handle), n + 1))
+    import io
+
+    out = io.StringIO()
+    csv.writer(out).writerows(lines)
+    return out.getvalue().encode()
+
+
+def _alex_like_zip(perov_val: Path) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("alex_mp_20/train.csv", _csv_bytes(perov_val, 20))
+        zf.writestr("alex_mp_20/val.csv", _csv_bytes(perov_val, 5))
+    return buffer.getvalue()
+
+
+def test_zip_download_verifies_unpacks_and_is_ready_to_build(server, tmp_path, perov_val):
+    data = _alex_like_zip(perov_val)
+    server.files["alex_mp_20.zip"] = data
+    folder = download_dataset("alex_mp_20", tmp_path / "alex", url=f"{server.base}/alex_mp_20.zip",
+                              sha256=hashlib.sha256(data).hexdigest(), progress=False)
+    assert folder == (tmp_path / "alex" / "alex_mp_20").resolve()
+    assert (tmp_path / "alex" / "alex_mp_20.zip").read_bytes() == data
+    items = list(iter_raw_items([str(folder)], ReaderConfig()))
+    assert len(items) == 25 and {i.split for i in items} == {"train", "val"}
+    # A second call finds everything in place and downloads nothing.
+    requests = len(server.requests)
+    assert download_dataset("alex_mp_20", tmp_path / "alex", url=f"{server.base}/alex_mp_20.zip",
+                            sha256=hashlib.sha256(data).hexdigest(), progress=False) == folder
+    assert len(server.requests) == requests
+
+
+def test_truncated_download_resumes_with_range(server, tmp_path, perov_val):
+    data = _alex_like_zip(perov_val)
+    server.files["alex_mp_20.zip"] = data
+    out = tmp_path / "alex"
+    out.mkdir()
+    # An earlier, interrupted run left the first 1000 bytes.
+    (out / "alex_mp_20.zip.part").write_bytes(data[:1000])
+    download_dataset("alex_mp_20", out, url=f"{server.base}/alex_mp_20.zip",
+                     sha256=hashlib.sha256(data).hexdigest(), progress=False)
+    assert server.requests == [("alex_mp_20.zip", "bytes=1000-")]
+    assert (out / "alex_mp_20.zip").read_bytes() == data
+    assert not (out / "alex_mp_20.zip.part").exists()
+
+
+def test_connection_dropped_midway_is_resumed_in_the_same_call(server, tmp_path, perov_val):
+    data = _alex_like_zip(perov_val)
+    server.files["alex_mp_20.zip"] = data
+    server.cut.add("alex_mp_20.zip")
+    download_dataset("alex_mp_20", tmp_path, url=f"{server.base}/alex_mp_20.zip",
+                     sha256=hashlib.sha256(data).hexdigest(), progress=False)
+    assert server.requests == [("alex_mp_20.zip", None), ("alex_mp_20.zip", f"bytes={len(data) // 2}-")]
+    assert (tmp_path / "alex_mp_20.zip").read_bytes() == data
+
+
+def test_wrong_hash_is_rejected_and_not_kept(server, tmp_path, perov_val):
+    server.files["alex_mp_20.zip"] = _alex_like_zip(perov_val)
+    with pytest.raises(ChecksumError, match="expected " + "0" * 64):
+        download_dataset("alex_mp_20", tmp_path, url=f"{server.base}/alex_mp_20.zip", sha256="0" * 64,
+                         progress=False)
+    assert not any(tmp_path.iterdir()), "neither the file nor its partial download may remain"
+
+
+def test_missing_file_and_unknown_dataset(server, tmp_path):
+    with pytest.raises(DownloadError, match="404"):
+        download_dataset("alex_mp_20", tmp_path, url=f"{server.base}/nothing.zip", progress=False)
+    with pytest.raises(KeyError, match="mp_20"):
+        download_dataset("mp_21", tmp_path)
+
+
+def test_known_hashes_match_the_published_files(server, tmp_path, shared_data):
+    """The registry's hashes are those of the real CDVAE files (served here from ../shared/data)."""
+    perov = DATASETS["perov_5"]
+    for remote in perov.files[1:]:  # val, test: the files available here
+        sha256, blob = file_hashes(shared_data / "perov_5" / remote.name)
+        assert (sha256, blob) == (remote.sha256, remote.git_blob_sha1)
+        server.files[f"mirror/{remote.name}"] = (shared_data / "perov_5" / remote.name).read_bytes()
+    mirror = resolve_source(replace(perov, files=perov.files[1:]), url=f"{server.base}/mirror/")
+    assert [f.git_blob_sha1 for f in mirror.files] == [f.git_blob_sha1 for f in perov.files[1:]]
+    folder = fetch_source(mirror, tmp_path, progress=False)
+    assert sorted(p.name for p in folder.glob("*.csv")) == ["test.csv", "val.csv"]
+    for name in ("val.csv", "test.csv"):
+        assert (folder / name).read_bytes() == (shared_data / "perov_5" / name).read_bytes()
+    # A mirror serving a different file under the same name is caught by the git blob id.
+    server.files["mirror/val.csv"] = b"tampered"
+    with pytest.raises(ChecksumError, match="git blob"):
+        fetch_source(mirror, tmp_path / "again", progress=False)
+
+
+def test_zip_members_cannot_escape_the_folder(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../outside.csv", "x")
+    with pytest.raises(ValueError, match="outside"):
+        safe_unzip(archive, tmp_path / "out")
+    assert not (tmp_path / "outside.csv").exists()
