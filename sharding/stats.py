@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pymatgen.core.periodic_table import Element
 from tqdm import tqdm
 
 from xtalgen.sharding.manifest import SplitStats, prior_stats
@@ -42,6 +41,7 @@ def shard_stats(shard_dir: str | Path, recompute: bool = False, progress: bool =
 
 def format_stats(stats: dict, top_elements: int = 12) -> str:
     """Render `shard_stats` output as plain-text tables for the terminal."""
+    from pymatgen.core.periodic_table import Element  # imported on use: slow to import
     lines = [f"{stats['path']}  ({stats['format']}, {stats['num_records']} records)", ""]
     lines.append(f"{'split':<10}{'records':>10}{'atoms min':>11}{'atoms max':>11}{'atoms mean':>12}"
                  f"{'density (Å⁻³)':>16}")

@@ -14,9 +14,6 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from webdataset import TarWriter
-from webdataset.tariterators import tar_file_iterator
-
 from xtalgen.sharding.codec import ShardCorruptionError, record_key
 
 SAMPLE_EXTENSION = "msgpack"
@@ -38,7 +35,7 @@ class WdsSplitWriter:
         self.records_per_shard = records_per_shard
         self.count = 0
         self._shards: list[tuple[Path, str, int]] = []  # (temporary path, final file name, records)
-        self._tar: TarWriter | None = None
+        self._tar = None  # webdataset.TarWriter of the open shard
         self._in_shard = 0
 
     def add(self, value: bytes) -> None:
@@ -57,6 +54,8 @@ class WdsSplitWriter:
     def _open_next(self) -> None:
         name = shard_file_name(self.split, len(self._shards))
         tmp = self.directory / f"{name}.tmp"
+        from webdataset import TarWriter  # imported on use: `import webdataset` pulls in torch (seconds)
+
         self._file = open(tmp, "wb")
         # Fixed mtime/owner/mode: the tar bytes then depend only on the records.
         self._tar = TarWriter(self._file, user="xtalgen", group="xtalgen", mode=0o444, encoder=False, mtime=0.0)
@@ -99,6 +98,8 @@ def iter_tar_shard(
     damaged or truncated tar, unexpected keys, a wrong record count, or (when `sha256` is given and
     the shard was read to its end) a checksum mismatch.
     """
+    from webdataset.tariterators import tar_file_iterator  # imported on use, see WdsSplitWriter
+
     if not path.exists():
         raise ShardCorruptionError(name, "shard file is missing")
     expected = first_index
