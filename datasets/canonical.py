@@ -48,9 +48,18 @@ def niggli_reduce(
     return np.ascontiguousarray(reduced, dtype=np.float64), wrap_fractional(new_frac)
 
 
+SORT_DECIMALS = 6  # coordinates equal to 1e-6 sort as equal (then by input order: stable)
+
+
 def sort_atoms(frac_coords: np.ndarray, atomic_numbers: np.ndarray) -> np.ndarray:
-    """Deterministic atom order: by atomic number, then x, y, z (stable). Returns the permutation."""
-    return np.lexsort((frac_coords[:, 2], frac_coords[:, 1], frac_coords[:, 0], atomic_numbers))
+    """Deterministic atom order: by atomic number, then x, y, z (stable). Returns the permutation.
+
+    The key is the coordinate rounded to 1e-6 (and 0.9999999 counted as 0), so that the order does
+    not flip with float noise between two descriptions of the same structure (a CIF and the extxyz
+    written from it). The coordinates themselves are not rounded.
+    """
+    key = np.round(frac_coords, SORT_DECIMALS) % 1.0  # (N, 3)
+    return np.lexsort((key[:, 2], key[:, 1], key[:, 0], atomic_numbers))
 
 
 def canonicalize(
