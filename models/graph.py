@@ -180,14 +180,19 @@ def _rank_within_group(sorted_keys: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Message passing: out[t] = sum over edges e=(s -> t) of node_feats[s] * edge_filter[e]
+#
+# Features may carry a middle axis K that broadcasts between nodes and edges: vector features
+# (N, 3, H) times a scalar filter (E, 1, H), or scalar features (N, 1, H) times a directional
+# filter (E, 3, H). Broadcasting inside the op spares materialising repeated (E, 3, H) tensors.
 
 MessagePassingFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
 _BACKENDS: dict[str, MessagePassingFn] = {}
 
 
 def register_message_passing_backend(name: str, fn: MessagePassingFn) -> None:
-    """Make `fn(node_feats (N, C), edge_filter (E, C), edge_index (2, E), num_nodes) -> (N, C)`
-    available as `backend=name`. It must compute what `message_passing_torch` computes."""
+    """Make `fn(node_feats (N, K, C), edge_filter (E, K', C), edge_index (2, E), num_nodes)
+    -> (N, max(K, K'), C)` available as `backend=name` (K, K' in {1, K}). It must compute what
+    `message_passing_torch` computes; inputs arrive 3-D and contiguous."""
     _BACKENDS[name] = fn
 
 
@@ -196,10 +201,10 @@ def available_backends() -> list[str]:
 
 
 def message_passing_torch(node_feats: Tensor, edge_filter: Tensor, edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Reference: gather along edges, multiply by the filter, scatter-add to targets."""
+    """Reference: gather along edges, multiply by the filter, scatter-add (index_add_) to targets."""
     source, target = edge_index
-    messages = node_feats.index_select(0, source) * edge_filter  # (E, C)
-    out = messages.new_zeros(num_nodes, messages.shape[1])
+    messages = node_feats.index_select(0, source) * edge_filter  # (E, K, C)
+    out = messages.new_zeros(num_nodes, *messages.shape[1:])
     return out.index_add_(0, target, messages)
 
 
@@ -213,16 +218,28 @@ def message_passing(
     num_nodes: int | None = None,
     backend: str = "torch",
 ) -> Tensor:
-    """out (N, C) with out[t] = sum_{e: target(e)=t} node_feats[source(e)] * edge_filter[e].
+    """out[t] = sum_{e: target(e)=t} node_feats[source(e)] * edge_filter[e].
 
-    node_feats (N, C), edge_filter (E, C), edge_index (2, E) [source, target].
+    node_feats (N, C) with edge_filter (E, C) gives (N, C); with a middle axis, node_feats
+    (N, K, C) and edge_filter (E, K', C) broadcast over it and give (N, max(K, K'), C).
+    edge_index (2, E) holds [source, target].
     """
     if backend not in _BACKENDS:
         raise ValueError(f"unknown message-passing backend {backend!r}; available: {available_backends()}")
-    if node_feats.ndim != 2 or edge_filter.ndim != 2 or node_feats.shape[1] != edge_filter.shape[1]:
+    flat = node_feats.ndim == 2 and edge_filter.ndim == 2
+    if flat:
+        node_feats, edge_filter = node_feats[:, None], edge_filter[:, None]
+    k_node, k_edge = node_feats.shape[1], edge_filter.shape[1]
+    if (
+        node_feats.ndim != 3
+        or edge_filter.ndim != 3
+        or node_feats.shape[2] != edge_filter.shape[2]
+        or (k_node != k_edge and 1 not in (k_node, k_edge))
+    ):
         raise ValueError(
-            f"node_feats (N, C) and edge_filter (E, C) must share C, got {tuple(node_feats.shape)} "
-            f"and {tuple(edge_filter.shape)}"
+            f"node_feats (N, [K,] C) and edge_filter (E, [K,] C) must share C and broadcast over K, got "
+            f"{tuple(node_feats.shape)} and {tuple(edge_filter.shape)}"
         )
     num_nodes = node_feats.shape[0] if num_nodes is None else num_nodes
-    return _BACKENDS[backend](node_feats, edge_filter, edge_index, num_nodes)
+    out = _BACKENDS[backend](node_feats.contiguous(), edge_filter.contiguous(), edge_index, num_nodes)
+    return out[:, 0] if flat else out

@@ -8,6 +8,7 @@ channel axis, or multiplies it by invariants, so equivariance holds by construct
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -115,20 +116,14 @@ class PaiNNLayer(nn.Module):
         return s + ds, v + dv
 
     def message(self, s, v, edge_index, rbf, unit_vec):
-        n, h = s.shape
-        e = rbf.shape[0]
+        n = s.shape[0]
         phi_s, phi_v, phi_dir = self.phi(s).chunk(3, dim=-1)  # (N, H) each
         w_s, w_v, w_dir = self.filter(rbf).chunk(3, dim=-1)  # (E, H) each
-        # One gather-filter-scatter over 7H channels: [scalar | v_j * phi_v (3H) | phi_dir x 3];
-        # the direction channels' filter carries the unit edge vector, so their sum is
-        # sum_j phi_dir(s_j) w_dir(r_ij) r_hat_ij, PaiNN's directional message.
-        node_feats = torch.cat([phi_s, (v * phi_v[:, None, :]).reshape(n, 3 * h), phi_dir.repeat(1, 3)], dim=1)
-        edge_filter = torch.cat(
-            [w_s, w_v.repeat(1, 3), (unit_vec[:, :, None] * w_dir[:, None, :]).reshape(e, 3 * h)], dim=1
-        )  # (E, 7H)
-        out = message_passing(node_feats, edge_filter, edge_index, n, backend=self.backend)  # (N, 7H)
-        ds = out[:, :h]
-        dv = (out[:, h : 4 * h] + out[:, 4 * h :]).reshape(n, 3, h)
+        mp = partial(message_passing, edge_index=edge_index, num_nodes=n, backend=self.backend)
+        ds = mp(phi_s, w_s)  # (N, H)
+        dv = mp(v * phi_v[:, None, :], w_v[:, None, :])  # (N, 3, H): sum_j v_j phi_v(s_j) w_v(r_ij)
+        # sum_j phi_dir(s_j) w_dir(r_ij) r_hat_ij: the filter carries the unit edge vector
+        dv = dv + mp(phi_dir[:, None, :], unit_vec[:, :, None] * w_dir[:, None, :])
         return ds, dv
 
     def update(self, s, v):

@@ -194,3 +194,21 @@ def test_backend_registry():
     assert calls == [7] and torch.equal(out, message_passing(node, filt, edge_index))
     with pytest.raises(ValueError, match="share C"):
         message_passing(node, filt[:, :3], edge_index)
+    with pytest.raises(ValueError, match="broadcast over K"):
+        message_passing(node.view(7, 1, 5).expand(7, 2, 5), filt.view(23, 1, 5).expand(23, 3, 5), edge_index)
+
+
+def test_message_passing_broadcasts_over_the_middle_axis():
+    node, filt, edge_index = _random_message_inputs(channels=4)
+    vectors = torch.randn(7, 3, 4, dtype=torch.float64)
+    directions = torch.randn(23, 3, 4, dtype=torch.float64)
+    # vector features times a scalar filter == three scalar problems
+    out = message_passing(vectors, filt[:, None], edge_index)
+    for k in range(3):
+        torch.testing.assert_close(out[:, k], message_passing(vectors[:, k], filt, edge_index))
+    # scalar features times a directional filter
+    out = message_passing(node[:, None], directions, edge_index)
+    for k in range(3):
+        torch.testing.assert_close(out[:, k], message_passing(node, directions[:, k], edge_index))
+    inputs = (node.clone().requires_grad_(), directions.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda n, d: message_passing(n[:, None], d, edge_index), inputs)
