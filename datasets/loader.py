@@ -54,11 +54,13 @@ STATE_VERSION = 1
 
 # --- collation ---------------------------------------------------------------------------------------
 def collate_values(
-    values: Sequence[bytes], indices: Sequence[int], shard: str, property_names: Sequence[str] = ()
+    values: Sequence[bytes], indices: Sequence[int], shard: str, property_names: Sequence[str] = (),
+    checked: bool = False,
 ) -> CrystalBatch:
     """Sealed record values -> CrystalBatch, equal bit for bit to `xtalgen.batch.collate` of the
-    decoded records, without building a CrystalRecord per structure."""
-    payloads = [unpack(v, shard, record_key(int(i))) for v, i in zip(values, indices)]
+    decoded records, without building a CrystalRecord per structure. `checked`: the values' crc32
+    was verified already (where the shard name was known)."""
+    payloads = [unpack(v, shard, record_key(int(i)), checked) for v, i in zip(values, indices)]
     num_atoms = np.fromiter((p["n"] for p in payloads), dtype=np.int64, count=len(payloads))
     total = int(num_atoms.sum())
     try:  # astype copies: tensors get their own writable memory
@@ -204,7 +206,8 @@ def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, propert
         while b < plan.num_batches and plan.bounds[b + 1] <= hi:
             lo_b, hi_b = int(plan.bounds[b]) - ready_from, int(plan.bounds[b + 1]) - ready_from
             if lo_b >= 0:  # batches before `skip` in the first window are dropped unread
-                yield collate_values(ready_val[lo_b:hi_b], ready_idx[lo_b:hi_b], "webdataset stream", property_names)
+                yield collate_values(ready_val[lo_b:hi_b], ready_idx[lo_b:hi_b], "webdataset stream", property_names,
+                                     checked=True)
             del ready_idx[:hi_b], ready_val[:hi_b]
             ready_from += hi_b
             b += 1

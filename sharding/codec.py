@@ -56,9 +56,11 @@ def check(value: bytes | memoryview, shard: str, key: str) -> None:
         raise ShardCorruptionError(shard, "record crc32 mismatch (altered bytes)", key)
 
 
-def unpack(value: bytes | memoryview, shard: str, key: str) -> dict:
-    """Check then msgpack-decode a sealed value into its raw payload dict (arrays still bytes)."""
-    check(value, shard, key)
+def unpack(value: bytes | memoryview, shard: str, key: str, checked: bool = False) -> dict:
+    """Check (unless `checked` already) then msgpack-decode a sealed value into its raw payload
+    dict (arrays still bytes)."""
+    if not checked:
+        check(value, shard, key)
     try:
         return msgpack.unpackb(value, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on malformed input

@@ -224,3 +224,29 @@ def test_subset_of_another_build_is_refused(records, tmp_path):
     write_set(tmp_path, records[:200], "lmdb")
     with pytest.raises(ValueError, match="different build"):
         load_subset(tmp_path, "heat_all-10")
+
+
+def test_damaged_tar_header_is_named(records, tmp_path):
+    write_set(tmp_path, records, "webdataset")
+    entry = open_shards(tmp_path).shards("train")[0]
+    path = tmp_path / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[124 + 5] ^= 0x01  # the size field of the first member's header
+    path.write_bytes(bytes(data))
+    assert verify_shards(tmp_path).broken_shards == [entry["file"]]
+    with pytest.raises(ShardCorruptionError, match="damaged tar header at its start"):
+        next(open_shards(tmp_path).iter_records("train"))
+
+
+def test_webdataset_library_reads_the_tars(records, tmp_path):
+    import webdataset as wds
+
+    from xtalgen.record import decode_record
+
+    write_set(tmp_path, records, "webdataset")
+    shards = open_shards(tmp_path)
+    urls = [str(tmp_path / e["file"]) for e in shards.shards("train")]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(shards.num_records("train"))]
+    back = [decode_record(s["msgpack"]) for s in samples]  # plain msgpack; the crc entry is ignored
+    assert all(a.equals(b) for a, b in zip(back, expected_by_split(records)["train"]))
