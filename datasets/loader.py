@@ -6,6 +6,12 @@
         loader.set_epoch(epoch)
         for batch in loader: ...
     ckpt["loader"] = loader.state_dict()          # epoch + position; resume continues the stream
+    loader.load_state_dict(ckpt["loader"])         # later: the same batches follow, bit for bit
+
+Iterating yields the rest of the current epoch and then moves to the next, so a step-based
+trainer may simply iterate again; `set_epoch(e)` for the current epoch is a no-op (safe after
+resume). `property_names` become `batch.properties` / `batch.property_mask`: numbers as (B,)
+tensors, chemical systems ("Co-Li-O") as (B, 100) multi-hot.
 
 How an epoch is laid out (everything follows from `seed`, the epoch and the manifest's per-record
 atom counts, so it is computed up front in the main process, without reading any record):
@@ -41,9 +47,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ase.data import atomic_numbers
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from xtalgen.batch import CrystalBatch
+from xtalgen.record import MAX_ATOMIC_NUMBER
 from xtalgen.sharding import ShardCorruptionError, load_subset, open_shards
 from xtalgen.sharding.codec import check, record_key, unpack
 from xtalgen.sharding.manifest import has_value
@@ -88,16 +96,31 @@ def collate_values(
 
 
 def _property_column(values: list, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) values and (B,) presence mask, with `xtalgen.batch.collate`'s typing rules."""
+    """(B,) values and (B,) presence mask, with `xtalgen.batch.collate`'s typing rules; chemical
+    systems ("Co-Li-O") become a (B, 100) multi-hot over Z = 1..100 (column Z - 1)."""
     mask = [has_value(v) for v in values]
     present = [v for v, m in zip(values, mask) if m]
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+    if present and all(isinstance(v, str) for v in present):
+        column = torch.zeros(len(values), MAX_ATOMIC_NUMBER, dtype=torch.float64)
+        for row, (v, m) in enumerate(zip(values, mask)):
+            if m:
+                column[row, _element_columns(v, name)] = 1.0
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in present):
         column = torch.tensor([int(v) if m else 0 for v, m in zip(values, mask)], dtype=torch.long)
     elif all(isinstance(v, (int, float)) for v in present):
         column = torch.tensor([float(v) if m else 0.0 for v, m in zip(values, mask)], dtype=torch.float64)
     else:
         raise ValueError(f"property {name!r} is not numeric; encode it before collation")
     return column, torch.tensor(mask, dtype=torch.bool)
+
+
+def _element_columns(system: str, name: str) -> list[int]:
+    try:
+        return [atomic_numbers[symbol] - 1 for symbol in system.split("-")]
+    except KeyError:
+        raise ValueError(
+            f"property {name!r}: {system!r} is neither numeric nor a chemical system like 'Co-Li-O'"
+        ) from None
 
 
 # --- epoch plans -------------------------------------------------------------------------------------

@@ -78,6 +78,20 @@ def test_fast_collation_equals_reference_collate(lmdb_dir, records):
         assert torch.equal(fast.property_mask[name], ref.property_mask[name])
 
 
+def test_chemical_systems_collate_to_multi_hot(tmp_path, records):
+    tagged = [CrystalRecord(r.id, r.lattice, r.frac_coords, r.atomic_numbers,
+                            {"chemical_system": "-".join(sorted({str(z) for z in r.to_structure().symbol_set}))}
+                            if i % 2 else {})
+              for i, r in enumerate(records[:6])]
+    build(tmp_path, tagged, "lmdb")
+    batch = next(iter(CrystalLoader(tmp_path, batch_size=6, shuffle=False, property_names=["chemical_system"])))
+    hot, mask = batch.properties["chemical_system"], batch.property_mask["chemical_system"]
+    assert hot.shape == (6, 100) and mask.tolist() == [False, True] * 3
+    for row, record in enumerate(tagged):
+        expected = set((np.unique(record.atomic_numbers) - 1).tolist()) if mask[row] else set()
+        assert set(torch.nonzero(hot[row]).flatten().tolist()) == expected
+
+
 def test_pack_batches_respects_count_and_atom_budget():
     n = np.array([5, 5, 24, 30, 6, 6, 6, 1, 8], dtype=np.uint16)
     bounds = pack_batches(n, batch_size=3, max_atoms=24)
