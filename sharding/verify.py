@@ -7,6 +7,9 @@ one report lists all broken shards; `xtalgen shard verify` exits 1 when there is
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +89,27 @@ def _check_file(root: Path, entry: dict) -> list[ShardProblem]:
 
 def _check_shard(root: Path, fmt: str, entry: dict) -> list[ShardProblem]:
     problems = _check_file(root, entry)
-    if problems and fmt == "lmdb" and "sha256" not in problems[0].detail:
-        return problems  # missing or resized: mapping it could crash the process, stop here
-    problems += _check_records(root, fmt, entry)
+    if problems and fmt == "lmdb":
+        if "sha256" not in problems[0].detail:
+            return problems  # missing or resized: mapping it could crash the process, stop here
+        problems += _check_records_isolated(root, fmt, entry)
+    else:
+        problems += _check_records(root, fmt, entry)
     # A whole-file sha256 mismatch is reported once even if record checks name the key too.
     unique = list(dict.fromkeys(problems))
     return unique[:MAX_PROBLEMS_PER_SHARD]
+
+
+def _check_records_isolated(root: Path, fmt: str, entry: dict) -> list[ShardProblem]:
+    """`_check_records` in a child process: an altered LMDB file may have damaged B-tree pages,
+    and walking those can crash the reading process outright (LMDB trusts its pages)."""
+    # spawn, not fork: py-lmdb refuses a file that the parent (inherited state) has open.
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            return pool.submit(_check_records, root, fmt, entry).result()
+    except BrokenProcessPool:
+        return [ShardProblem(entry["file"], "LMDB pages damaged: reading the file crashes the reader")]
 
 
 def _check_records(root: Path, fmt: str, entry: dict) -> list[ShardProblem]:
