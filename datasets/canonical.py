@@ -79,14 +79,11 @@ def sort_atoms(frac_coords: np.ndarray, atomic_numbers: np.ndarray) -> np.ndarra
 def standard_orientation(lattice: np.ndarray) -> np.ndarray:
     """The same cell rotated so that a lies along x and b in the xy plane (lower triangular).
 
-    From a QR decomposition (lattice.T = Q R with R's diagonal made positive): the result is
-    `lattice @ Q`, a pure rotation of the input, so fractional coordinates are unchanged and a
-    record no longer depends on the Cartesian frame its input happened to use.
+    It is the Cholesky factor of the metric `lattice @ lattice.T`: a function of the cell's
+    lengths and angles only, so any rotated copy of a cell gives the same matrix, and, for a
+    right-handed cell, a pure rotation of it (fractional coordinates are unchanged).
     """
-    q, r = np.linalg.qr(lattice.T)
-    signs = np.where(np.diag(r) < 0, -1.0, 1.0)
-    oriented = (signs[:, None] * r).T  # (3, 3): rows (ax, 0, 0), (bx, by, 0), (cx, cy, cz)
-    return np.ascontiguousarray(np.tril(oriented)) + 0.0
+    return np.linalg.cholesky(lattice @ lattice.T) + 0.0  # (3, 3)
 
 
 def canonicalize(

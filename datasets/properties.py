@@ -114,11 +114,17 @@ def convert_properties(raw: Mapping[str, object], cfg: ReaderConfig) -> dict[str
     return out
 
 
-def chemical_system(atomic_numbers: Sequence[int] | np.ndarray) -> str:
-    """Elements sorted alphabetically and joined by '-' (pymatgen's convention), e.g. 'O-Sr-Ti'."""
+@lru_cache(maxsize=1)
+def _symbols() -> dict[int, str]:
     from pymatgen.core.periodic_table import Element
 
-    return "-".join(sorted({Element.from_Z(int(z)).symbol for z in np.unique(atomic_numbers)}))
+    return {int(el.Z): el.symbol for el in Element}
+
+
+def chemical_system(atomic_numbers: Sequence[int] | np.ndarray) -> str:
+    """Elements sorted alphabetically and joined by '-' (pymatgen's convention), e.g. 'O-Sr-Ti'."""
+    symbols = _symbols()
+    return "-".join(sorted({symbols[int(z)] for z in set(np.asarray(atomic_numbers).tolist())}))
 
 
 @lru_cache(maxsize=1)

@@ -96,6 +96,7 @@ def _symbol_to_z() -> dict[str, int]:
     return {el.symbol: int(el.Z) for el in Element}
 
 
+@lru_cache(maxsize=65536)
 def _element_z(symbol: str, from_label: bool) -> int:
     """Atomic number of a CIF type symbol ('Fe', 'Fe2+') or, failing that, a label ('Fe1')."""
     table = _symbol_to_z()
@@ -112,59 +113,64 @@ def _element_z(symbol: str, from_label: bool) -> int:
 # --------------------------------------------------------------------------------------------
 # CIF, fast P1 path
 # --------------------------------------------------------------------------------------------
-_TOKEN = re.compile(r"'[^']*'(?=\s|$)|\"[^\"]*\"(?=\s|$)|\S+")
+# One regex pass over the whole text: comments, quoted strings (a quote closes only before
+# whitespace, as in CIF 1.1), bare words.
+_TOKEN = re.compile(r"#[^\n]*|'.*?'(?=\s|$)|\".*?\"(?=\s|$)|\S+", re.MULTILINE)
 _UNCERTAINTY = re.compile(r"\(\d+\)$")
 _SYMOP_TAGS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz", "_space_group_symop.operation_xyz")
 _CELL_TAGS = ("_cell_length_a", "_cell_length_b", "_cell_length_c", "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma")
 
 
+def _unquote(token: str) -> str:
+    return token[1:-1] if len(token) >= 2 and token[0] in "'\"" and token[-1] == token[0] else token
+
+
 def _tokenize_cif(text: str) -> tuple[dict[str, str], list[dict[str, list[str]]]]:
-    """Scalar tags and loops of a one-block CIF. Raises _NotP1Layout for features not handled."""
+    """Scalar tags and loops of a one-block CIF. Raises _NotP1Layout for features not handled.
+
+    Works on the positions of the keywords (tags, loop_, data_) only; the values between them are
+    taken as list slices, so the Python-level work grows with the number of tags, not of values.
+    """
+    if text.startswith(";") or "\n;" in text:
+        raise _NotP1Layout("multi-line text field")
+    tokens = [t for t in _TOKEN.findall(text) if t[0] != "#"]
+    # Quoted tokens start with a quote, so they are never keywords.
+    keywords = [k for k, t in enumerate(tokens) if t[0] == "_" or t[:5].lower() in ("loop_", "data_")]
+    keywords.append(len(tokens))
     scalars: dict[str, str] = {}
     loops: list[dict[str, list[str]]] = []
-    tokens: list[str] = []
-    for line in text.splitlines():
-        if line.startswith(";"):
-            raise _NotP1Layout("multi-line text field")
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        for token in _TOKEN.findall(stripped):
-            if token.startswith("#"):
-                break
-            if token[0] in "'\"" and len(token) >= 2 and token[-1] == token[0]:
-                token = token[1:-1]
-            tokens.append(token)
     blocks = 0
-    i, n = 0, len(tokens)
-    while i < n:
-        token = tokens[i]
-        lower = token.lower()
-        if lower.startswith("data_"):
+    if keywords[0] != 0 and tokens:
+        raise Reject("unparsable", f"unexpected token {tokens[0][:40]!r}")
+    q = 0
+    while q < len(keywords) - 1:
+        k, following = keywords[q], keywords[q + 1]
+        word = tokens[k].lower()
+        if word.startswith("data_"):
             blocks += 1
             if blocks > 1:
                 raise _NotP1Layout("several data blocks")
-            i += 1
-        elif lower == "loop_":
-            i += 1
-            tags = []
-            while i < n and tokens[i].startswith("_"):
-                tags.append(tokens[i].lower())
-                i += 1
-            values = []
-            while i < n and not tokens[i].startswith("_") and tokens[i].lower() not in ("loop_",) and not tokens[i].lower().startswith("data_"):
-                values.append(tokens[i])
-                i += 1
+            if following != k + 1:
+                raise Reject("unparsable", f"unexpected token {tokens[k + 1][:40]!r}")
+            q += 1
+        elif word == "loop_":
+            first_tag = q + 1  # tags are consecutive keywords right after loop_
+            last = first_tag
+            while last < len(keywords) - 1 and keywords[last] == keywords[first_tag] + (last - first_tag) \
+                    and tokens[keywords[last]][0] == "_":
+                last += 1
+            tags = [tokens[keywords[j]].lower() for j in range(first_tag, last)]
+            start, end = keywords[first_tag] + len(tags) if tags else k + 1, keywords[last]
+            values = [_unquote(t) for t in tokens[start:end]]
             if not tags or len(values) % len(tags):
                 raise Reject("unparsable", f"loop with {len(tags)} tags has {len(values)} values")
-            loops.append({tag: values[k :: len(tags)] for k, tag in enumerate(tags)})
-        elif token.startswith("_"):
-            if i + 1 >= n or tokens[i + 1].startswith("_") or tokens[i + 1].lower() == "loop_":
-                raise Reject("unparsable", f"tag {token} has no value")
-            scalars[lower] = tokens[i + 1]
-            i += 2
+            loops.append({tag: values[j :: len(tags)] for j, tag in enumerate(tags)})
+            q = last
         else:
-            raise Reject("unparsable", f"unexpected token {token[:40]!r}")
+            if following - k != 2:
+                raise Reject("unparsable", f"tag {tokens[k]} has {following - k - 1} values")
+            scalars[word] = _unquote(tokens[k + 1])
+            q += 1
     if blocks == 0:
         raise Reject("unparsable", "no data_ block")
     return scalars, loops
@@ -219,31 +225,46 @@ def parse_p1_cif(text: str) -> tuple[tuple[float, ...], np.ndarray, np.ndarray]:
         raise Reject("unparsable", "atom sites have neither type_symbol nor label")
     occupancies = sites.get("_atom_site_occupancy")
     if occupancies is not None:
-        for k, occ in enumerate(occupancies):
-            occ_value = 1.0 if occ in ("?", ".") else _cif_float(occ, "occupancy")
-            if abs(occ_value - 1.0) > OCCUPANCY_TOLERANCE:
-                raise Reject("disordered", f"site {k} ({symbols[k]}) has occupancy {occ}")
-    frac = np.array(
-        [[_cif_float(v, "fractional coordinate") for v in sites[f"_atom_site_fract_{ax}"]] for ax in "xyz"],
-        dtype=np.float64,
-    ).T.reshape(-1, 3)  # (N, 3)
+        try:
+            occ_values = np.array(occupancies, dtype=np.float64)  # (N,)
+        except ValueError:
+            occ_values = np.array([1.0 if o in ("?", ".") else _cif_float(o, "occupancy") for o in occupancies])
+        partial = np.flatnonzero(~(np.abs(occ_values - 1.0) <= OCCUPANCY_TOLERANCE))
+        if len(partial):
+            k = int(partial[0])
+            raise Reject("disordered", f"site {k} ({symbols[k]}) has occupancy {occupancies[k]}")
+    columns = [sites[f"_atom_site_fract_{ax}"] for ax in "xyz"]
+    try:  # numpy converts the strings in C; values with uncertainties "0.25(1)" take the slow path
+        frac = np.array(columns, dtype=np.float64).T  # (N, 3)
+    except ValueError:
+        frac = np.array([[_cif_float(v, "fractional coordinate") for v in col] for col in columns]).T
+    frac = np.ascontiguousarray(frac.reshape(-1, 3))
     numbers = np.array([_element_z(s, from_label) for s in symbols], dtype=np.int64)
     return cell, frac, numbers
 
 
 def _lattice_from_parameters(cell: tuple[float, ...]) -> np.ndarray:
-    from pymatgen.core import Lattice
+    """Lattice rows (3, 3) from (a, b, c, alpha, beta, gamma): the Cholesky factor of the metric.
 
+    Any orientation will do here (the canonical form re-orients after the Niggli reduction); the
+    Cholesky factor is cheaper than pymatgen's `Lattice.from_parameters` and fails cleanly, as
+    LinAlgError, when the angles do not form a cell.
+    """
     if not all(math.isfinite(x) for x in cell):
         raise Reject("non_finite", f"cell parameters {cell}")
     a, b, c, alpha, beta, gamma = cell
     if min(a, b, c) <= 0:
         raise Reject("bad_volume", f"cell lengths {a}, {b}, {c} must be positive")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        matrix = Lattice.from_parameters(a, b, c, alpha, beta, gamma).matrix
-    if not np.isfinite(matrix).all():
-        raise Reject("bad_volume", f"cell angles {alpha}, {beta}, {gamma} do not form a cell")
-    return matrix
+    cos_alpha, cos_beta, cos_gamma = np.cos(np.radians([alpha, beta, gamma]))
+    metric = np.array([
+        [a * a, a * b * cos_gamma, a * c * cos_beta],
+        [a * b * cos_gamma, b * b, b * c * cos_alpha],
+        [a * c * cos_beta, b * c * cos_alpha, c * c],
+    ])
+    try:
+        return np.linalg.cholesky(metric)
+    except np.linalg.LinAlgError:
+        raise Reject("bad_volume", f"cell angles {alpha}, {beta}, {gamma} do not form a cell") from None
 
 
 def _parse_cif_with_pymatgen(text: str) -> ParsedStructure:
