@@ -57,10 +57,9 @@ def _prepare_conditions(model: CrystalDiffusion, conditions, num_structures: int
     """Broadcast condition values (scalar, (B,) or (B, ...)) to the batch on the model's device."""
     prepared = {}
     for name, value in (conditions or {}).items():
-        if model.condition_names and name not in model.condition_names:
-            raise ValueError(
-                f"the model is not conditioned on {name!r}; it knows {sorted(model.condition_names)}"
-            )
+        if name not in model.condition_names:
+            known = sorted(model.condition_names) or "no properties"
+            raise ValueError(f"the model is not conditioned on {name!r}; it knows {known}")
         value = torch.as_tensor(value, device=model.device)
         if value.is_floating_point():
             value = value.to(model.dtype)
