@@ -227,10 +227,10 @@ def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, propert
             ready_idx.append(index)
             ready_val.append(pending.pop(index))
         while b < plan.num_batches and plan.bounds[b + 1] <= hi:
+            # Positions before `start` (already consumed before a resume) go with the first batch.
             lo_b, hi_b = int(plan.bounds[b]) - ready_from, int(plan.bounds[b + 1]) - ready_from
-            if lo_b >= 0:  # batches before `skip` in the first window are dropped unread
-                yield collate_values(ready_val[lo_b:hi_b], ready_idx[lo_b:hi_b], "webdataset stream", property_names,
-                                     checked=True)
+            yield collate_values(ready_val[lo_b:hi_b], ready_idx[lo_b:hi_b], "webdataset stream",
+                                 property_names, checked=True)
             del ready_idx[:hi_b], ready_val[:hi_b]
             ready_from += hi_b
             b += 1
