@@ -79,6 +79,24 @@ class MetricsLogger:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
         self._wandb_call("log", {k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
+    def log_extra(self, values: dict[str, Any], step: int) -> None:
+        """W&B only (e.g. periodic-sampling metrics); lists of row dicts become W&B tables."""
+        if self.wandb_run is None:
+            return
+        payload = {}
+        for key, value in values.items():
+            if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+                try:
+                    import wandb
+
+                    columns = sorted({c for row in value for c in row})
+                    payload[key] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in value])
+                except Exception as exc:
+                    log.warning("W&B table %s not logged (%s: %s)", key, type(exc).__name__, exc)
+            elif isinstance(value, (int, float, str, bool)):
+                payload[key] = value
+        self._wandb_call("log", payload, step=step)
+
     def event(self, record: dict[str, Any]) -> None:
         """A rare event (non-finite loss, preemption) worth keeping; any rank may call this."""
         with self.events_path.open("a") as fh:

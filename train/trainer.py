@@ -439,7 +439,7 @@ class Trainer:
             if out and self.is_main:
                 with (self.run_dir / "hooks.jsonl").open("a") as fh:
                     fh.write(json.dumps({"step": self.step, "hook": name, **out}, sort_keys=True) + "\n")
-                self.metrics._wandb_call("log", {f"{name}/{k}": v for k, v in out.items()}, step=self.step)
+                self.metrics.log_extra(out, step=self.step)
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -1,0 +1,58 @@
+"""Wiring from a config to a ready Trainer: process group, shard loader, diffusion model, hooks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from xtalgen.schema import Config, ConfigError
+from xtalgen.train.distributed import init_distributed
+from xtalgen.train.trainer import Trainer
+
+log = logging.getLogger("xtalgen.train")
+
+
+def build_trainer(cfg: Config) -> Trainer:
+    """The Trainer for `xtalgen train`: CrystalLoader over `data.shards`, CrystalDiffusion model."""
+    from xtalgen.datasets.loader import CrystalLoader
+    from xtalgen.models.diffusion import build_model
+
+    if not cfg.data.shards:
+        raise ConfigError("config key 'data.shards': set it to a shard directory (see `xtalgen shard build`)")
+    if not (Path(cfg.data.shards) / "manifest.json").exists():
+        raise ConfigError(f"config key 'data.shards': {cfg.data.shards} has no manifest.json")
+    dist_info = init_distributed()
+    loader = CrystalLoader.from_config(
+        cfg.data.shards, cfg.data.loader, split=cfg.data.train_split,
+        batch_size=cfg.train.micro_batch_structures,  # the engine's micro batch is the loader's batch
+        rank=dist_info.rank, world_size=dist_info.world_size,
+        property_names=[c.name for c in cfg.model.conditions],
+    )
+    stats = loader.manifest_stats
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, stats)
+    trainer = Trainer(cfg, model, loader, dist_info=dist_info, stats=stats)
+    if cfg.train.sample_every > 0:
+        attach_periodic_sampling(trainer, cfg)
+    return trainer
+
+
+def attach_periodic_sampling(trainer: Trainer, cfg: Config) -> None:
+    """Every `train.sample_every` steps, sample with the EMA weights and log the SUN-style metrics."""
+    from xtalgen.sampling.periodic import make_periodic_sampler
+
+    sampler = make_periodic_sampler(cfg, reference=None, stats=trainer.stats)
+    # Under ZeRO-3 every rank holds a slice of the weights, so all ranks run the (identically seeded)
+    # sampler together; otherwise rank 0 samples alone.
+    everyone = cfg.train.zero_stage == 3
+
+    def periodic_sampling(trainer: Trainer, step: int) -> dict | None:
+        if not (everyone or trainer.is_main):
+            return None
+        with trainer.ema_weights():
+            metrics = sampler(trainer.model, step)
+        return metrics if trainer.is_main else None
+
+    trainer.add_periodic_hook(cfg.train.sample_every, periodic_sampling, name="sample")
