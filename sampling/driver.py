@@ -10,6 +10,7 @@ torchrun, srun, a Slurm array or by hand with RANK/WORLD_SIZE.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from xtalgen.sampling.writer import (
 )
 from xtalgen.schema import ModelConfig, SampleConfig
 
-MODEL_FILE_NAMES = ("model.pt", "ema_model.pt", "consolidated.pt")
+RUN_MODEL_FILE = "model.pt"  # the consolidated (EMA) model inside a training run directory
 
 
 @dataclass
@@ -48,20 +49,26 @@ class SamplingSummary:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A single-file model, or a run/checkpoint directory holding one (consolidated EMA weights)."""
+    """A single-file model, or a training run directory holding its consolidated `model.pt`.
+
+    Sampling never loads the training stack: a run's ZeRO checkpoints are turned into one model
+    file by `xtalgen train consolidate` (EMA weights), which this points to when it is missing.
+    """
     path = Path(path)
     if path.is_file():
         return path
-    if path.is_dir():
-        for name in MODEL_FILE_NAMES:
-            for candidate in (path / name, path / "checkpoints" / "latest" / name):
-                if candidate.is_file():
-                    return candidate
-        raise FileNotFoundError(
-            f"{path} holds no single-file model ({', '.join(MODEL_FILE_NAMES)}); consolidate a training "
-            f"checkpoint first: `xtalgen train consolidate {path} --out model.pt`"
-        )
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    model_file = path / RUN_MODEL_FILE
+    consolidate = f"xtalgen train consolidate {path} --out {model_file}"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{path} has no {RUN_MODEL_FILE}; make it from the latest checkpoint: {consolidate}")
+    checkpoints = [p for p in (path / "checkpoints").glob("*") if p.is_dir()]
+    newest = max(checkpoints, key=lambda p: p.stat().st_mtime, default=None)
+    if newest is not None and newest.stat().st_mtime > model_file.stat().st_mtime:
+        print(f"warning: {model_file} is older than checkpoint {newest.name}; to sample the newer weights "
+              f"run: {consolidate}", file=sys.stderr)
+    return model_file
 
 
 def default_device() -> torch.device:

@@ -97,18 +97,24 @@ def _evaluate(structures: list, rows: list[dict], reference: list | None, relax:
     """Score with the evaluator's cheap mode; returns rates (floats) and the per-structure table."""
     from xtalgen.evaluation import evaluate_structures
 
-    eval_rows, summary = evaluate_structures(structures, reference=reference, relax=relax)
+    eval_rows, summary = evaluate_structures(
+        structures,
+        reference=reference,
+        relax=relax,
+        ids=[row["id"] for row in rows],
+        metadata=[{"conditions": row["conditions"]} for row in rows],
+    )
     metrics: dict = {}
     for key, value in summary.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
+            continue  # notes, names, and rates that were not computed (None)
         if isinstance(value, float) and not math.isfinite(value):
             continue
         metrics[PREFIX + key] = float(value)
     table = []
     for row, scored in zip(rows, eval_rows):
-        merged = {k: v for k, v in row.items() if k in ("id", "formula", "num_atoms")}
-        merged.update({k: v for k, v in dict(scored).items() if _is_table_scalar(v) and k not in merged})
+        merged = {k: row[k] for k in ("id", "formula", "num_atoms")}
+        merged.update({k: v for k, v in scored.items() if _is_table_scalar(v) and not k.startswith("_")})
         table.append(merged)
     metrics[TABLE_KEY] = table
     return metrics

@@ -83,12 +83,26 @@ def batch_seed(base_seed: int, batch: int, stream: int = NOISE_STREAM) -> int:
 
 
 def rank_from_env(environ: dict[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world size) from torchrun (RANK/WORLD_SIZE) or Slurm (SLURM_PROCID/SLURM_NTASKS); else (0, 1)."""
+    """(rank, world size) of this process among all samplers of one request.
+
+    Processes of one launch: torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS); else
+    (0, 1). Inside a Slurm job array each array element is one more block of such ranks, so element
+    k of K with W tasks each holds ranks k*W .. k*W + W-1 of K*W (elements are numbered by
+    SLURM_ARRAY_TASK_MIN/STEP, so `--array=0-30:3` works too).
+    """
     env = os.environ if environ is None else environ
+    rank, world = 0, 1
     for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
         if rank_key in env and world_key in env:
             rank, world = int(env[rank_key]), int(env[world_key])
             if not 0 <= rank < world:
                 raise ValueError(f"{rank_key}={rank} is outside 0..{world - 1} ({world_key}={world})")
-            return rank, world
-    return 0, 1
+            break
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+        element = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // step
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if not 0 <= element < count:
+            raise ValueError(f"Slurm array element {element} is outside 0..{count - 1}")
+        rank, world = element * world + rank, count * world
+    return rank, world

@@ -20,12 +20,14 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from xtalgen.sampling.plan import SamplingPlan
+from xtalgen.schema import ConfigError
 
 JSONL_NAME = "samples.jsonl"
 EXTXYZ_NAME = "samples.extxyz"
@@ -70,7 +72,7 @@ def check_or_write_request(out_dir: Path, request: dict) -> None:
         changed = sorted(k for k in set(previous) | set(request) if previous.get(k) != request.get(k))
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {request.get(k)!r}" for k in changed)
-            raise ValueError(
+            raise ConfigError(
                 f"{out_dir} holds samples of a different request ({details}); "
                 "use a new --out directory, or delete this one to start over"
             )
@@ -219,12 +221,11 @@ def _extxyz_frame(row: dict, structure) -> str:
     from ase import Atoms
     from ase.io import write
 
-    atoms = Atoms(
-        numbers=[site.specie.Z for site in structure],
-        cell=structure.lattice.matrix,
-        scaled_positions=structure.frac_coords,
-        pbc=True,
-    )
+    cell = structure.lattice.matrix  # (3, 3)
+    # Cartesian positions from frac @ cell: ase's scaled_positions needs an invertible cell, and an
+    # untrained model can return a degenerate one that must still be recorded.
+    atoms = Atoms(numbers=[site.specie.Z for site in structure], positions=structure.frac_coords @ cell,
+                  cell=cell, pbc=True)
     atoms.info["id"] = row["id"]
     atoms.info["batch"] = row["batch"]
     buffer = io.StringIO()
@@ -274,6 +275,24 @@ def merge_parts(out_dir: str | Path, plan: SamplingPlan | None = None) -> MergeR
     out_dir = Path(out_dir)
     if plan is None:
         plan = load_plan(out_dir)
+    with _merge_lock(out_dir):
+        return _merge_locked(out_dir, plan)
+
+
+@contextmanager
+def _merge_lock(out_dir: Path):
+    """One merge at a time per directory (rank 0 and a hand-run `--merge` may overlap)."""
+    import fcntl
+
+    with (out_dir / ".merge.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _merge_locked(out_dir: Path, plan: SamplingPlan) -> MergeReport:
     sources = all_sources(out_dir)
     lines_by_batch: dict[int, list[str]] = {}
     for jsonl, _ in sources:

@@ -7,6 +7,8 @@ protocol itself; tests/test_sampling.py runs the whole command with a real model
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -21,9 +23,11 @@ from xtalgen.sampling.conditions import (
     parse_conditions,
     split_assignments,
 )
+from xtalgen.sampling.driver import resolve_checkpoint
 from xtalgen.sampling.plan import NUM_ATOMS_STREAM, SamplingPlan, batch_seed, rank_from_env
 from xtalgen.sampling.writer import (
     PartWriter,
+    batch_to_structures,
     check_or_write_request,
     committed_batches,
     iter_extxyz_frames,
@@ -84,6 +88,18 @@ def test_rank_from_torchrun_and_slurm_env():
     assert rank_from_env({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"}) == (0, 2)
     with pytest.raises(ValueError, match="outside"):
         rank_from_env({"RANK": "3", "WORLD_SIZE": "2"})
+
+
+def test_slurm_array_elements_are_blocks_of_ranks():
+    array = {"SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_STEP": "5", "SLURM_ARRAY_TASK_COUNT": "3"}
+    one_task = [rank_from_env({**array, "SLURM_ARRAY_TASK_ID": str(i), "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+                for i in (10, 15, 20)]
+    assert one_task == [(0, 3), (1, 3), (2, 3)]
+    two_tasks = sorted(
+        rank_from_env({**array, "SLURM_ARRAY_TASK_ID": str(i), "SLURM_PROCID": str(p), "SLURM_NTASKS": "2"})
+        for i in (10, 15, 20) for p in (0, 1)
+    )
+    assert two_tasks == [(r, 6) for r in range(6)]
 
 
 # --- conditions -------------------------------------------------------------------------------
@@ -225,3 +241,36 @@ def test_resume_refuses_a_different_request(tmp_path):
     with pytest.raises(ValueError, match="seed: 0 -> 1"):
         check_or_write_request(tmp_path, {"num_samples": 8, "seed": 1})
     assert json.loads((tmp_path / "request.json").read_text()) == {"num_samples": 8, "seed": 0}
+
+
+def test_degenerate_lattices_are_recorded_not_fatal(tmp_path):
+    """An untrained model can return NaN or collapsed cells: the run records them and goes on."""
+    lattice = np.stack([np.full((3, 3), np.nan), np.zeros((3, 3)), 4.0 * np.eye(3)])  # (3, 3, 3)
+    frac = np.linspace(0.0, 0.9, 18).reshape(6, 3)
+    structures = batch_to_structures(lattice, frac, np.array([3, 8] * 3), np.array([2, 2, 2]))
+    plan = SamplingPlan(3, 3)
+    PartWriter(tmp_path, plan).write_batch(_rows(plan, 0, structures), structures)
+    assert merge_parts(tmp_path, plan).complete
+    assert [sid for sid, _ in iter_extxyz_frames(tmp_path / "samples.extxyz")] == plan.batch_ids(0)
+    good = ase_read(tmp_path / "samples.extxyz", index=2)
+    np.testing.assert_allclose(good.get_scaled_positions(wrap=False), frac[4:], atol=1e-7)
+
+
+def test_checkpoint_is_a_model_file_or_a_run_directory(tmp_path, capsys):
+    model_file = tmp_path / "m.pt"
+    model_file.write_bytes(b"")
+    assert resolve_checkpoint(model_file) == model_file
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_10").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"xtalgen train consolidate {run} --out {run}/model.pt"):
+        resolve_checkpoint(run)
+    (run / "model.pt").write_bytes(b"")
+    assert resolve_checkpoint(run) == run / "model.pt"
+    assert capsys.readouterr().err == ""
+    newer = run / "checkpoints" / "step_20"
+    newer.mkdir()
+    os.utime(newer, (time.time() + 10, time.time() + 10))
+    assert resolve_checkpoint(run) == run / "model.pt"
+    assert "older than checkpoint step_20" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope.pt")
