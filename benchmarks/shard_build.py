@@ -50,6 +50,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cfg = DataConfig()
     cfg.shard.chunk_size = args.chunk_size
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     summary = build_shards([str(data)], out, cfg, fmt=args.format, workers=args.workers, progress=args.progress)
     seconds = time.perf_counter() - start
@@ -69,10 +70,16 @@ def main() -> None:
         "accepted": summary.accepted,
         "rejected": summary.rejected,
         "shard_mb": round(shard_bytes / 2**20, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu_start, 2),  # main + workers: what a free machine needs
         "peak_rss_mb_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_rss_mb_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "cpus": os.cpu_count(),
     }))
+
+
+def _cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import msgpack
 
+from xtalgen.datasets.properties import property_columns
 from xtalgen.datasets.readers import BUILTIN_PREFIX, RawItem, expand_inputs, iter_raw_items
 from xtalgen.datasets.validation import Rejection, parse_and_validate
 from xtalgen.record import CrystalRecord, decode_record, encode_record
@@ -104,6 +105,10 @@ def build_shards(
     if not inputs:
         raise ConfigError("no inputs given")
     _check_split_config(cfg.shard)
+    try:
+        property_columns([], cfg.reader)  # a malformed property mapping is a config error, not a bad file
+    except ValueError as exc:
+        raise ConfigError(f"config key 'data.reader.properties': {exc}") from None
     if cfg.shard.chunk_size < 1:
         raise ConfigError("config key 'data.shard.chunk_size': must be >= 1")
 

@@ -121,6 +121,33 @@ def unreadable(name: str, detail: str) -> Rejection:
     return Rejection(id=name, source=name, reason="unreadable_file", detail=detail)
 
 
+def iter_structures(
+    structures: Iterable, ids: Sequence[str] | None = None, properties: Sequence[dict] | None = None,
+    source: str = "python", split: str | None = None,
+) -> Iterator[RawItem]:
+    """RawItems from pymatgen `Structure` objects given in Python (for `parse_and_validate`).
+
+    `properties` are raw values by column name, mapped like CSV columns by `ReaderConfig`.
+    """
+    for k, structure in enumerate(structures):
+        yield RawItem(
+            source=f"{source}:{k}",
+            index=k,
+            id=str(ids[k]) if ids is not None else None,
+            kind="atoms_dict",
+            payload={
+                "cell": structure.lattice.matrix.tolist(),
+                "frac_coords": structure.frac_coords.tolist(),
+                "symbols": [next(iter(site.species)).symbol if site.species else "X" for site in structure],
+                # Several species on a site, or an occupancy below 1, is disorder.
+                "occupancies": [site.species.num_atoms if len(site.species) == 1 else 0.5 for site in structure],
+                "pbc": [bool(p) for p in structure.lattice.pbc],
+            },
+            properties=dict(properties[k]) if properties is not None else {},
+            split=split,
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # CSV
 # --------------------------------------------------------------------------------------------

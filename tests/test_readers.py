@@ -184,3 +184,18 @@ def test_readers_stream(perov_val):
     stream = iter_raw_items([str(perov_val)] * 1000, READER)  # 3.8M rows if it were read whole
     first = list(islice(stream, 3))
     assert [item.index for item in first] == [0, 1, 2]
+
+
+def test_pymatgen_structures_from_python(perov_rows, csv_records):
+    from pymatgen.core import Lattice, Structure
+
+    from xtalgen.datasets.readers import iter_structures
+
+    structures = [record.to_structure() for record in csv_records]
+    structures.append(Structure(Lattice.cubic(3.0), [{"Fe": 0.5, "Co": 0.5}], [[0, 0, 0]]))
+    ids = [r.id for r in csv_records] + ["alloy"]
+    props = [{"band_gap": row["dir_gap"]} for row in perov_rows] + [{}]
+    results = [parse_and_validate(item, READER, VALIDATION) for item in iter_structures(structures, ids, props)]
+    _assert_same_structures(results[:-1], csv_records)
+    assert results[0].properties["dft_band_gap"] == float(perov_rows[0]["dir_gap"])
+    assert results[-1].reason == "disordered" and results[-1].id == "alloy"
