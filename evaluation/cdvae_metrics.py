@@ -1,0 +1,346 @@
+"""The CDVAE / DiffCSP generation benchmark metrics: validity, coverage (COV-R, COV-P) and
+Wasserstein distances of density and of the number of elements, against a test split.
+
+Definitions follow CDVAE's `compute_metrics.py`:
+
+* validity: structural (no pair < 0.5 Å, volume > 0.1 Å³) and compositional (SMACT), see validity.py;
+* structure fingerprint: matminer's `CrystalNNFingerprint.from_preset("ops")` per site (CrystalNN
+  coordination weights × local order parameters for CN 1..24), averaged over sites;
+* composition fingerprint: Magpie `ElementProperty` (22 elemental properties × min, max, range,
+  mean, average deviation, mode), standardised; NaNs become 0 after scaling;
+* COV-R: fraction of test structures with a generated structure within both cutoffs;
+  COV-P: fraction of generated structures within both cutoffs of a test structure (over all
+  generated structures, those that cannot be fingerprinted count as misses);
+* Wasserstein distances (scipy) of density (g/cm³) and number of elements, valid generated vs test.
+
+Cutoffs (structure, composition) from the CDVAE paper: Perov-5 (0.2, 4), Carbon-24 (0.2, 4),
+MP-20 (0.4, 10).
+
+matminer (the library CDVAE used) declares pandas < 3, which conflicts with this project's pins, so
+the featurizers are implemented here: the structure fingerprint exactly as matminer does it on
+top of pymatgen's CrystalNN and LocalStructOrderParams; the Magpie elemental table is taken from
+matminer when it is importable and otherwise rebuilt from pymatgen's element data (Z, atomic
+mass, melting point, group, row, electronegativity, valence-shell occupations, molar volume; the
+Magpie columns pymatgen lacks - Mendeleev number in Magpie's numbering, covalent radius, and the
+OQMD ground-state band gap, magnetic moment and space group - are NaN and so drop out after
+scaling). The composition scaler is fitted on the test split's fingerprints unless a CDVAE-style
+`{"means": [...], "stds": [...]}` JSON is given, which reproduces published numbers exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import warnings
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core import Composition, Element, Structure
+from scipy.spatial.distance import cdist
+from scipy.stats import wasserstein_distance
+
+from xtalgen.evaluation.validity import VALID, compositional_validity, structural_validity
+
+COV_CUTOFFS = {  # (structure, composition), CDVAE paper
+    "perov_5": (0.2, 4.0),
+    "carbon_24": (0.2, 4.0),
+    "mp_20": (0.4, 10.0),
+}
+
+# matminer's `CrystalNNFingerprint.from_preset("ops")`: motifs judged at each coordination number.
+CN_TARGET_MOTIFS: dict[int, list[str]] = {
+    1: ["sgl_bd"],
+    2: ["L-shaped", "water-like", "bent 120 degrees", "bent 150 degrees", "linear"],
+    3: ["trigonal planar", "trigonal non-coplanar", "T-shaped"],
+    4: ["square co-planar", "tetrahedral", "rectangular see-saw-like", "see-saw-like", "trigonal pyramidal"],
+    5: ["pentagonal planar", "square pyramidal", "trigonal bipyramidal"],
+    6: ["hexagonal planar", "octahedral", "pentagonal pyramidal"],
+    7: ["hexagonal pyramidal", "pentagonal bipyramidal"],
+    8: ["body-centered cubic", "hexagonal bipyramidal"],
+    9: ["q2", "q4", "q6"],
+    10: ["q2", "q4", "q6"],
+    11: ["q2", "q4", "q6"],
+    12: ["cuboctahedral", "q2", "q4", "q6"],
+}
+MAX_CN = 24
+
+MAGPIE_PROPERTIES = [
+    "Number", "MendeleevNumber", "AtomicWeight", "MeltingT", "Column", "Row", "CovalentRadius",
+    "Electronegativity", "NsValence", "NpValence", "NdValence", "NfValence", "NValence",
+    "NsUnfilled", "NpUnfilled", "NdUnfilled", "NfUnfilled", "NUnfilled", "GSvolume_pa",
+    "GSbandgap", "GSmagmom", "SpaceGroupNumber",
+]
+MAGPIE_STATS = ["minimum", "maximum", "range", "mean", "avg_dev", "mode"]
+
+
+# --- structure fingerprint -------------------------------------------------------------------------
+class CrystalNNFingerprint:
+    """Per-site CrystalNN "ops" fingerprint (same vector as matminer's preset, 61 numbers)."""
+
+    def __init__(self):
+        from pymatgen.analysis.local_env import CN_OPT_PARAMS, CrystalNN, LocalStructOrderParams
+
+        self.cnn = CrystalNN()
+        self.ops: dict[int, list] = {}
+        for cn in range(1, MAX_CN + 1):
+            ops: list = ["wt"]
+            for motif in CN_TARGET_MOTIFS.get(cn, []):
+                op_type, params = motif, None
+                if motif in CN_OPT_PARAMS.get(cn, {}):
+                    spec = CN_OPT_PARAMS[cn][motif]
+                    op_type, params = spec[0], (spec[1] if len(spec) > 1 else None)
+                ops.append(LocalStructOrderParams([op_type], parameters=[params]))
+            self.ops[cn] = ops
+
+    def site(self, structure: Structure, index: int) -> list[float]:
+        nn = self.cnn.get_nn_data(structure, index)
+        out: list[float] = []
+        for cn in range(1, MAX_CN + 1):
+            weight = nn.cn_weights.get(cn, 0)
+            for op in self.ops[cn]:
+                if op == "wt" or weight == 0:
+                    out.append(weight)
+                    continue
+                neighbours = [d["site"] for d in nn.cn_nninfo[cn]]
+                value = op.get_order_parameters(
+                    [structure[index], *neighbours], 0, indices_neighs=list(range(1, len(neighbours) + 1))
+                )[0]
+                out.append(weight * (value or 0))
+        return out
+
+    def structure(self, structure: Structure) -> np.ndarray | None:
+        """Mean over sites; None when CrystalNN fails (CDVAE then counts the crystal invalid)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sites = [self.site(structure, i) for i in range(len(structure))]
+        except Exception:
+            return None
+        return np.asarray(sites, dtype=np.float64).mean(axis=0)  # (61,)
+
+
+# --- composition fingerprint -------------------------------------------------------------------------
+@cache
+def _magpie_table() -> dict[str, dict[str, float]]:
+    try:  # the original Magpie data when matminer is installed
+        from matminer.utils.data import MagpieData
+
+        data = MagpieData(impute_nan=False)
+        return {
+            el.symbol: {p: float(data.get_elemental_property(el, p)) for p in MAGPIE_PROPERTIES}
+            for el in Element if el.Z <= 103
+        }
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pymatgen warns for elements lacking a value
+            return {el.symbol: _pymatgen_magpie_row(el) for el in Element if el.Z <= 103}
+
+
+def _valence_occupations(element: Element) -> dict[str, int]:
+    """Electrons per orbital type beyond the preceding noble-gas core (Magpie's valence counts)."""
+    core = 0
+    for noble in (2, 10, 18, 36, 54, 86):
+        if noble < element.Z:
+            core = noble
+    counts = {"s": 0, "p": 0, "d": 0, "f": 0}
+    seen = 0
+    for _n, orbital, occupancy in element.full_electronic_structure:
+        seen += occupancy
+        if seen > core:
+            counts[orbital] += min(occupancy, seen - core)
+    return counts
+
+
+def _pymatgen_magpie_row(element: Element) -> dict[str, float]:
+    def number(value) -> float:
+        try:
+            return float(value) if value is not None else float("nan")
+        except (TypeError, ValueError):
+            return float("nan")
+
+    valence = _valence_occupations(element)
+    capacity = {"s": 2, "p": 6, "d": 10, "f": 14}
+    unfilled = {o: (capacity[o] - n if n > 0 else 0) for o, n in valence.items()}
+    molar_volume = number(element.molar_volume)  # cm³/mol → Å³/atom
+    return {
+        "Number": float(element.Z),
+        "MendeleevNumber": float("nan"),
+        "AtomicWeight": number(element.atomic_mass),
+        "MeltingT": number(element.melting_point),
+        "Column": number(element.group),
+        "Row": number(element.row),
+        "CovalentRadius": float("nan"),
+        "Electronegativity": number(element.X),
+        "NsValence": valence["s"], "NpValence": valence["p"],
+        "NdValence": valence["d"], "NfValence": valence["f"],
+        "NValence": float(sum(valence.values())),
+        "NsUnfilled": unfilled["s"], "NpUnfilled": unfilled["p"],
+        "NdUnfilled": unfilled["d"], "NfUnfilled": unfilled["f"],
+        "NUnfilled": float(sum(unfilled.values())),
+        "GSvolume_pa": molar_volume * 1e24 / 6.02214076e23,
+        "GSbandgap": float("nan"),
+        "GSmagmom": float("nan"),
+        "SpaceGroupNumber": float("nan"),
+    }
+
+
+def _stat(name: str, values: np.ndarray, weights: np.ndarray) -> float:
+    """matminer's PropertyStats (NaN in → NaN out for min/max/range, as there)."""
+    if name == "minimum":
+        return float(values.min())
+    if name == "maximum":
+        return float(values.max())
+    if name == "range":
+        return float(values.max() - values.min())
+    mean = float(np.average(values, weights=weights))
+    if name == "mean":
+        return mean
+    if name == "avg_dev":
+        return float(np.average(np.abs(values - mean), weights=weights))
+    if name == "mode":  # the value of the most abundant element; ties → smallest value
+        most = np.isclose(weights, weights.max())
+        return float(values[most].min())
+    raise ValueError(name)
+
+
+def composition_fingerprint(composition: Composition) -> np.ndarray:
+    """Magpie ElementProperty vector (132 numbers, may contain NaN)."""
+    table = _magpie_table()
+    items = list(Composition(composition).element_composition.items())
+    weights = np.array([amount for _, amount in items], dtype=np.float64)
+    out = []
+    for prop in MAGPIE_PROPERTIES:
+        values = np.array([table.get(el.symbol, {}).get(prop, np.nan) for el, _ in items], dtype=np.float64)
+        out.extend(_stat(stat, values, weights) for stat in MAGPIE_STATS)
+    return np.asarray(out)
+
+
+class CompositionScaler:
+    """Standardisation of composition fingerprints, NaN → 0 afterwards (CDVAE's CompScaler)."""
+
+    def __init__(self, means: Sequence[float], stds: Sequence[float]):
+        self.means = np.asarray(means, dtype=np.float64)
+        self.stds = np.asarray(stds, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, fingerprints: np.ndarray) -> CompositionScaler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+            means = np.nanmean(fingerprints, axis=0)
+            stds = np.nanstd(fingerprints, axis=0)
+        stds = np.where(np.isfinite(stds) & (stds > 0), stds, 1.0)
+        return cls(np.nan_to_num(means), stds)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompositionScaler:
+        data = json.loads(Path(path).read_text())
+        return cls(data["means"], data["stds"])
+
+    def transform(self, fingerprints: np.ndarray) -> np.ndarray:
+        scaled = (fingerprints - self.means) / self.stds
+        return np.where(np.isnan(scaled), 0.0, scaled)
+
+
+# --- per-structure features (parallel) -------------------------------------------------------------
+@cache
+def _fingerprinter() -> CrystalNNFingerprint:
+    return CrystalNNFingerprint()
+
+
+def _features(structure_dict: dict | None) -> dict:
+    if structure_dict is None:
+        return {"valid": False, "struct_fp": None, "comp_fp": None, "density": np.nan, "num_elements": 0}
+    structure = Structure.from_dict(structure_dict)
+    structural = structural_validity(structure)
+    valid = structural.valid and compositional_validity(structure) == VALID
+    struct_fp = _fingerprinter().structure(structure)
+    return {
+        "valid": bool(valid and struct_fp is not None),
+        "struct_fp": struct_fp,
+        "comp_fp": composition_fingerprint(structure.composition),
+        "density": float(structure.density) if structural.volume > 0 else np.nan,
+        "num_elements": len(structure.composition.elements),
+    }
+
+
+def featurize(structures: Sequence[Structure | None], workers: int = 1, progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    payload = [s.as_dict() if s is not None else None for s in structures]
+    if workers <= 1:
+        return [_features(p) for p in tqdm(payload, desc="fingerprints", disable=not progress)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap(_features, payload, chunksize=16), total=len(payload),
+                         desc="fingerprints", disable=not progress))
+
+
+# --- the metrics -------------------------------------------------------------------------------------
+def dataset_name(hint: str) -> str:
+    """CDVAE dataset name from a path or name: perov_5, carbon_24 or mp_20 (the default)."""
+    hint = hint.lower().replace("-", "_")
+    if "perov" in hint:
+        return "perov_5"
+    if "carbon" in hint:
+        return "carbon_24"
+    return "mp_20"
+
+
+def cdvae_metrics(
+    generated: Sequence[Structure | None],
+    test: Sequence[Structure],
+    dataset: str = "mp_20",
+    *,
+    comp_scaler: CompositionScaler | None = None,
+    workers: int = 1,
+    progress: bool = False,
+    test_features: list[dict] | None = None,
+) -> dict:
+    """Validity, COV-R/COV-P and Wasserstein distances of generated structures vs a test split."""
+    struct_cutoff, comp_cutoff = COV_CUTOFFS[dataset]
+    gen = featurize(generated, workers, progress)
+    ref = test_features if test_features is not None else featurize(test, workers, progress)
+
+    ref_ok = [f for f in ref if f["struct_fp"] is not None]
+    scaler = comp_scaler or CompositionScaler.fit(np.stack([f["comp_fp"] for f in ref_ok]))
+    ref_struct = np.stack([f["struct_fp"] for f in ref_ok])  # (M, 61)
+    ref_comp = scaler.transform(np.stack([f["comp_fp"] for f in ref_ok]))  # (M, 132)
+    gen_ok = [f for f in gen if f["struct_fp"] is not None and f["comp_fp"] is not None]
+
+    metrics: dict = {"dataset": dataset, "struct_cutoff": struct_cutoff, "comp_cutoff": comp_cutoff,
+                     "num_generated": len(gen), "num_test": len(ref_ok)}
+    n_gen = len(gen)
+    if gen_ok:
+        gen_struct = np.stack([f["struct_fp"] for f in gen_ok])
+        gen_comp = scaler.transform(np.stack([f["comp_fp"] for f in gen_ok]))
+        struct_dist = cdist(gen_struct, ref_struct)  # (G, M)
+        comp_dist = cdist(gen_comp, ref_comp)
+        recall_hit = (struct_dist.min(axis=0) <= struct_cutoff) & (comp_dist.min(axis=0) <= comp_cutoff)
+        precision_hit = (struct_dist.min(axis=1) <= struct_cutoff) & (comp_dist.min(axis=1) <= comp_cutoff)
+        metrics["cov_recall"] = float(recall_hit.mean())
+        metrics["cov_precision"] = float(precision_hit.sum() / n_gen)
+        metrics["amsd_recall"] = float(struct_dist.min(axis=0).mean())
+        metrics["amsd_precision"] = float(struct_dist.min(axis=1).mean())
+        metrics["amcd_recall"] = float(comp_dist.min(axis=0).mean())
+        metrics["amcd_precision"] = float(comp_dist.min(axis=1).mean())
+    else:
+        metrics.update(cov_recall=0.0, cov_precision=0.0)
+
+    struct_valid = [
+        s is not None and structural_validity(s).valid for s in generated
+    ]
+    comp_valid = [s is not None and compositional_validity(s) == VALID for s in generated]
+    metrics["struct_validity"] = float(np.mean(struct_valid)) if n_gen else float("nan")
+    metrics["comp_validity"] = float(np.mean(comp_valid)) if n_gen else float("nan")
+    metrics["validity"] = float(np.mean([f["valid"] for f in gen])) if n_gen else float("nan")
+
+    valid = [f for f in gen if f["valid"]]
+    if valid:
+        metrics["wdist_density"] = float(wasserstein_distance(
+            [f["density"] for f in valid], [f["density"] for f in ref]))
+        metrics["wdist_num_elements"] = float(wasserstein_distance(
+            [f["num_elements"] for f in valid], [f["num_elements"] for f in ref]))
+    else:
+        metrics.update(wdist_density=float("nan"), wdist_num_elements=float("nan"))
+    return metrics

@@ -1,0 +1,492 @@
+"""The SUN evaluation: per-structure checks and relaxation, then set-level uniqueness, novelty,
+energy above hull and property adherence.
+
+Two stages:
+
+1. per structure (the expensive part, resumable): validity, relaxation with the potential (only
+   structurally valid structures; a pool of processes when `workers > 1`), space group, HHI,
+   magnetic density. Each result is appended to a JSONL log as it finishes; a rerun after a kill
+   reads the log and does only what is missing (a line cut short by the kill is discarded);
+2. over the set (cheap, recomputed every time): uniqueness, novelty vs the reference structures,
+   energy above the hull of the reference set (see `hull.py`), stable / SUN flags, targets.
+
+Rates in the summary are over all evaluated structures, as MatterGen reports them (an invalid or
+unrelaxable structure counts as not stable). Novelty and SUN are None when no reference is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core import Composition, Structure
+from tqdm.auto import tqdm
+
+from xtalgen.evaluation import hull as hull_lib
+from xtalgen.evaluation.inputs import InputStructure, iter_structures
+from xtalgen.evaluation.matching import MatchSettings, ReferenceIndex, duplicate_of, novel_flags
+from xtalgen.evaluation.properties import (
+    bulk_modulus,
+    chemical_system,
+    hhi_score,
+    magnetic_density,
+    meets_target,
+    space_group_number,
+)
+from xtalgen.evaluation.relax import Potential, RelaxResult, load_potential, relax_many
+from xtalgen.evaluation.validity import VALID, compositional_validity, structural_validity
+from xtalgen.record import CrystalRecord
+from xtalgen.schema import EvaluateConfig
+
+ON_HULL_TOLERANCE = 1e-6  # eV/atom: float noise of identical entries, nothing physical
+RELAXED_KEY = "_relaxed"  # the relaxed structure in the log (kept out of the CSV)
+
+
+# --- public API -----------------------------------------------------------------------------------
+def evaluate_structures(
+    structures: Sequence[Structure | None],
+    reference=None,
+    relax: bool = False,
+    *,
+    stability: bool | None = None,
+    cfg: EvaluateConfig | None = None,
+    ids: Sequence[str] | None = None,
+    metadata: Sequence[dict] | None = None,
+    log_path: str | Path | None = None,
+    potential: Potential | None = None,
+    progress: bool = False,
+) -> tuple[list[dict], dict]:
+    """Score structures; returns (one row per structure, summary).
+
+    reference: None, a path (shard set, CSV, CIF folder, extxyz) or a list of pymatgen Structures /
+    CrystalRecords (the training set) for novelty and for the hull. relax: relax with
+    `cfg.potential` first. stability: compute energies above the hull (default: = relax; without
+    relaxation it uses single-point energies of the structures as given). The cheap mode
+    (`relax=False`) gives validity, uniqueness and novelty in seconds for the trainer.
+    """
+    cfg = cfg or EvaluateConfig()
+    stability = relax if stability is None else stability
+    ids = _unique_ids(list(ids) if ids is not None else [str(i) for i in range(len(structures))])
+    metadata = list(metadata) if metadata is not None else [{} for _ in structures]
+    models = _Potentials(cfg, potential)
+
+    rows_by_id = _per_structure_stage(structures, ids, metadata, relax, stability, cfg, models, log_path, progress)
+    rows = [rows_by_id[i] for i in ids]
+    evaluated = [_evaluated_structure(row, s) for row, s in zip(rows, structures)]
+    if not relax and cfg.reference_relax:  # unrelaxed structures are compared with unrelaxed references
+        cfg = dataclasses.replace(cfg, reference_relax=False)
+    summary = _set_stage(rows, evaluated, reference, stability, cfg, models, progress)
+    return rows, summary
+
+
+def evaluate_inputs(items: Sequence[InputStructure], reference=None, relax: bool = True, **kwargs):
+    """`evaluate_structures` over what `inputs.iter_structures` read (unparsable entries included)."""
+    return evaluate_structures(
+        [item.structure for item in items],
+        reference,
+        relax,
+        ids=[item.id for item in items],
+        metadata=[{**item.metadata, **({"parse_error": item.error} if item.error else {})} for item in items],
+        **kwargs,
+    )
+
+
+# --- stage 1: per structure -----------------------------------------------------------------------
+class _Potentials:
+    """Loads the potential once, on first use (the cheap mode never loads it)."""
+
+    def __init__(self, cfg: EvaluateConfig, given: Potential | None):
+        self.cfg, self._model = cfg, given
+
+    @property
+    def model(self) -> Potential:
+        if self._model is None:
+            self._model = load_potential(self.cfg.potential, device=self.cfg.device)
+        return self._model
+
+    @property
+    def relax_target(self) -> str | Potential:
+        """What relax_many gets: the registry name for a process pool, else the loaded model."""
+        if self.cfg.workers > 1 and self._model is None:
+            return self.cfg.potential
+        return self.model
+
+
+def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, models, log_path, progress):
+    log = _ResultLog(log_path)
+    done = log.load()
+    todo = [k for k, i in enumerate(ids) if i not in done]
+    rows = {k: _static_row(ids[k], structures[k], metadata[k], cfg) for k in todo}
+    bar = tqdm(total=len(todo), desc="evaluating", disable=not progress, unit="structure")
+
+    def finish(k: int) -> None:
+        done[ids[k]] = rows[k]
+        log.append(rows[k])
+        bar.update()
+
+    relaxable = [k for k in todo if rows[k]["struct_valid"]]
+    for k in todo:
+        if not rows[k]["struct_valid"] or not (relax or stability):
+            finish(k)
+    if relax:
+        pairs = [(k, structures[k]) for k in relaxable]
+        for k, result, error in relax_many(
+            pairs, models.relax_target, workers=cfg.workers, fmax=cfg.relax_fmax, steps=cfg.relax_steps
+        ):
+            _add_relaxation(rows[k], result, error, cfg)
+            finish(k)
+    elif stability:
+        batch = 16
+        for start in range(0, len(relaxable), batch):
+            chunk = relaxable[start : start + batch]
+            energies = models.model.energies_per_atom([structures[k] for k in chunk])
+            for k, energy in zip(chunk, energies):
+                rows[k]["energy_per_atom"] = float(energy)
+                finish(k)
+    bar.close()
+    return done
+
+
+def _static_row(identifier: str, structure: Structure | None, metadata: dict, cfg: EvaluateConfig) -> dict:
+    row: dict = {"id": identifier, "conditions": dict(metadata.get("conditions") or {})}
+    if structure is None:
+        row.update(parse_error=metadata.get("parse_error") or "no structure", struct_valid=False,
+                   comp_valid="unknown", valid=False, struct_reason="unparsable")
+        return row
+    structural = structural_validity(structure)
+    composition = compositional_validity(structure)
+    row.update(
+        formula=structure.composition.reduced_formula,
+        chemical_system=chemical_system(structure),
+        num_atoms=len(structure),
+        num_elements=len(structure.composition.elements),
+        volume=structural.volume,
+        density=float(structure.density) if structural.volume > 0 else float("nan"),  # g/cm³
+        min_distance=structural.min_distance,
+        struct_valid=structural.valid,
+        struct_reason=structural.reason,
+        comp_valid=composition,
+        valid=structural.valid and composition == VALID,
+        space_group=space_group_number(structure, cfg.symprec) if structural.valid else None,
+        hhi_score=hhi_score(structure),
+    )
+    return row
+
+
+def _add_relaxation(row: dict, result: RelaxResult | None, error: str, cfg: EvaluateConfig) -> None:
+    if result is None:
+        row["relax_error"] = error
+        return
+    relaxed = result.structure
+    row.update(
+        relaxed=True,
+        energy_per_atom=result.energy_per_atom,
+        initial_energy_per_atom=result.initial_energy_per_atom,
+        relax_converged=result.converged,
+        relax_steps=result.steps,
+        rmsd=result.rmsd,
+        space_group=space_group_number(relaxed, cfg.symprec),
+        space_group_generated=row.get("space_group"),
+        mag_density=magnetic_density(relaxed, result.magmoms),
+    )
+    row[RELAXED_KEY] = relaxed.as_dict()
+
+
+def _evaluated_structure(row: dict, structure: Structure | None) -> Structure | None:
+    """The structure that set-level checks judge: the relaxed one when there is one."""
+    if row.get(RELAXED_KEY):
+        return Structure.from_dict(row[RELAXED_KEY])
+    return structure
+
+
+class _ResultLog:
+    """Append-only JSONL of per-structure results (fsynced per line); None path = in memory."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+
+    def load(self) -> dict[str, dict]:
+        if self.path is None or not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # killed mid-line: drop the fragment
+            data = data[: data.rfind(b"\n") + 1]
+            self.path.write_bytes(data)
+        rows = {}
+        for line in data.decode().splitlines():
+            row = json.loads(line)
+            rows[row["id"]] = row
+        return rows
+
+    def append(self, row: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row, default=_json_default) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+# --- stage 2: over the set --------------------------------------------------------------------------
+def _set_stage(rows, evaluated, reference, stability, cfg, models, progress) -> dict:
+    settings = MatchSettings(cfg.ltol, cfg.stol, cfg.angle_tol)
+    present = [k for k, s in enumerate(evaluated) if s is not None]
+    first = duplicate_of([evaluated[k] for k in present], settings, cfg.workers)
+    for row in rows:
+        row["unique"] = False
+    for position, k in enumerate(present):
+        rows[k]["unique"] = first[position] == position
+        rows[k]["duplicate_of"] = rows[present[first[position]]]["id"]
+
+    notes: list[str] = []
+    reference_items = _reference_items(reference) if reference is not None else None
+    systems = {_system(s) for s in evaluated if s is not None}
+    index, hull_candidates = _scan_reference(reference_items, evaluated, systems, stability, progress)
+    if index is not None:
+        novel = novel_flags([evaluated[k] for k in present], index, settings, cfg.workers)
+        for row in rows:
+            row["novel"] = False
+        for k, flag in zip(present, novel):
+            rows[k]["novel"] = flag
+    else:
+        notes.append("novelty not computed: no reference set given (--reference)")
+
+    if stability:
+        _hull_stage(rows, evaluated, reference, hull_candidates, cfg, models, notes, progress)
+    else:
+        notes.append("stability not computed (no relaxation / energies requested)")
+    _property_stage(rows, evaluated, cfg, models)
+    return _summary(rows, reference_size=index.size if index is not None else None, notes=notes, cfg=cfg)
+
+
+def _reference_items(reference):
+    """(id, structure) pairs of the reference, streamed from disk or taken from a list."""
+    if isinstance(reference, (str, os.PathLike)):
+        return ((item.id, item.structure) for item in iter_structures(reference) if item.structure is not None)
+    items = []
+    for i, item in enumerate(reference):
+        if isinstance(item, CrystalRecord):
+            items.append((item.id, item.to_structure()))
+        elif isinstance(item, InputStructure):
+            items.append((item.id, item.structure))
+        else:
+            items.append((str(i), item))
+    return items
+
+
+def _scan_reference(items, evaluated, systems, stability, progress):
+    """One pass over the reference: an index for novelty (formulas that occur in the set only) and
+    the reference structures whose chemical system lies inside an evaluated one (for the hull)."""
+    if items is None:
+        return None, []
+    formulas = {s.composition.reduced_formula for s in evaluated if s is not None}
+    subsystems = _all_subsystems(systems) if stability else set()
+    index = ReferenceIndex()
+    candidates = []
+    for identifier, structure in tqdm(items, desc="reading reference", disable=not progress, unit="structure"):
+        index.add(structure, formulas)
+        if _system(structure) in subsystems:
+            candidates.append((identifier, structure))
+    return index, candidates
+
+
+def _system(structure: Structure) -> frozenset[str]:
+    return frozenset(el.symbol for el in structure.composition.elements)
+
+
+def _all_subsystems(systems) -> set[frozenset]:
+    out: set[frozenset] = set()
+    for system in systems:
+        elements = sorted(system)
+        for mask in range(1, 1 << len(elements)):
+            out.add(frozenset(e for b, e in enumerate(elements) if mask >> b & 1))
+    return out
+
+
+def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, progress) -> None:
+    with_energy = [k for k, row in enumerate(rows) if row.get("energy_per_atom") is not None]
+    elements = sorted({el.symbol for k in with_energy for el in evaluated[k].composition.elements})
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else hull_lib.default_cache_dir()
+    if cfg.elemental_reference:
+        elemental = hull_lib.load_elemental_entries(cfg.elemental_reference)
+        notes.append(f"elemental references from {cfg.elemental_reference}")
+    elif elements:
+        computed = hull_lib.compute_elemental_references(
+            elements, models.model, cache_dir, fmax=cfg.relax_fmax, steps=cfg.relax_steps, progress=progress
+        )
+        elemental = {s: v["energy_per_atom"] for s, v in computed.items()}
+        notes.append(f"elemental references: built-in prototypes relaxed with {cfg.potential}")
+    else:
+        elemental = {}
+    compositions = [Composition({s: 1}) for s in elemental]
+    energies = list(elemental.values())
+    if reference is not None and candidates:
+        for composition, energy in _reference_energies(reference, candidates, cfg, models, cache_dir, progress):
+            compositions.append(composition)
+            energies.append(energy)
+    else:
+        notes.append("hull from elemental references only (no reference set given)")
+    hull = hull_lib.ConvexHullReference(compositions, energies)
+    for k in with_energy:
+        row, composition = rows[k], evaluated[k].composition
+        e_hull = hull.e_above_hull(composition, row["energy_per_atom"])
+        row["e_above_hull"] = e_hull
+        row["formation_energy_per_atom"] = hull.formation_energy_per_atom(composition, row["energy_per_atom"])
+        if math.isfinite(e_hull):
+            row["stable"] = e_hull < cfg.stability_threshold
+            row["on_or_below_hull"] = e_hull <= ON_HULL_TOLERANCE
+    for row in rows:
+        row.setdefault("stable", False)
+        row.setdefault("on_or_below_hull", False)
+        if "novel" in row:
+            row["sun"] = bool(row["stable"] and row["unique"] and row["novel"])
+
+
+def _reference_energies(reference, candidates, cfg, models, cache_dir, progress):
+    """(composition, energy per atom) of reference structures, from the cache or computed now."""
+    key = hull_lib.reference_key(reference) if isinstance(reference, (str, os.PathLike)) else _list_key(reference)
+    mode = "relax" if cfg.reference_relax else "single_point"
+    store = hull_lib.ReferenceEnergyStore(cache_dir / "references" / key / f"{cfg.potential}-{mode}.jsonl")
+    cached = store.load()
+    todo = [(i, s) for i, s in candidates if i not in cached]
+    if todo:
+        bar = tqdm(total=len(todo), desc=f"reference energies ({mode})", disable=not progress)
+        if cfg.reference_relax:
+            by_position = dict(enumerate(todo))
+            pairs = [(p, s) for p, (_, s) in by_position.items()]
+            results = relax_many(pairs, models.relax_target, workers=cfg.workers, fmax=cfg.relax_fmax, steps=cfg.relax_steps)
+            for position, result, _error in results:
+                identifier, structure = by_position[position]
+                energy = result.energy_per_atom if result is not None else float("nan")
+                cached[identifier] = _store_row(store, identifier, structure, energy)
+                bar.update()
+        else:
+            for identifier, structure in todo:
+                energy = models.model.energies_per_atom([structure])[0]
+                cached[identifier] = _store_row(store, identifier, structure, energy)
+                bar.update()
+        bar.close()
+    for identifier, _ in candidates:
+        row = cached[identifier]
+        if row["energy_per_atom"] is not None:
+            yield Composition(row["composition"]), float(row["energy_per_atom"])
+
+
+def _store_row(store, identifier: str, structure: Structure, energy: float) -> dict:
+    row = {
+        "id": identifier,
+        "composition": structure.composition.as_dict(),
+        "energy_per_atom": float(energy) if math.isfinite(energy) else None,
+    }
+    store.append(row)
+    return row
+
+
+def _list_key(reference) -> str:
+    digest = hashlib.sha256()
+    for identifier, structure in _reference_items(reference):
+        digest.update(identifier.encode())
+        digest.update(json.dumps(structure.as_dict(), sort_keys=True, default=_json_default).encode())
+    return digest.hexdigest()
+
+
+def _property_stage(rows, evaluated, cfg, models) -> None:
+    for row, structure in zip(rows, evaluated):
+        for name, target in (row.get("conditions") or {}).items():
+            value = _proxy_value(name, row, structure, models)
+            row[f"value_{name}"] = value
+            row[f"meets_{name}"] = meets_target(name, target, value)
+
+
+def _proxy_value(name: str, row: dict, structure: Structure | None, models):
+    if structure is None:
+        return None
+    if name == "chemical_system":
+        return row.get("chemical_system")
+    if name == "space_group":
+        return row.get("space_group")
+    if name == "hhi_score":
+        return row.get("hhi_score")
+    if name == "dft_mag_density":
+        return row.get("mag_density")
+    if name == "energy_above_hull":
+        return row.get("e_above_hull")
+    if name in ("dft_bulk_modulus", "ml_bulk_modulus") and row.get("relaxed"):
+        return bulk_modulus(structure, models.model)
+    return None  # e.g. dft_band_gap: no predictor available
+
+
+# --- summary ----------------------------------------------------------------------------------------
+def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg: EvaluateConfig) -> dict:
+    n = len(rows)
+
+    def rate(key: str, value=True) -> float:
+        return sum(1 for r in rows if r.get(key) == value) / n if n else float("nan")
+
+    def mean(key: str) -> float:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return float(np.mean(values)) if values else float("nan")
+
+    summary = {
+        "num_structures": n,
+        "struct_valid_rate": rate("struct_valid"),
+        "comp_valid_rate": rate("comp_valid", "valid"),
+        "comp_unknown_rate": rate("comp_valid", "unknown"),
+        "valid_rate": rate("valid"),
+        "unique_rate": rate("unique"),
+        "novel_rate": rate("novel") if reference_size is not None else None,
+        "reference_size": reference_size,
+        "potential": cfg.potential,
+        "stability_threshold": cfg.stability_threshold,
+    }
+    if any("energy_per_atom" in r for r in rows):
+        summary.update(
+            stable_rate=rate("stable"),
+            on_or_below_hull_rate=rate("on_or_below_hull"),
+            sun_rate=rate("sun") if reference_size is not None else None,
+            mean_e_above_hull=mean("e_above_hull"),
+            mean_energy_per_atom=mean("energy_per_atom"),
+        )
+    if any(r.get("relaxed") for r in rows):
+        summary.update(
+            relaxed_count=sum(1 for r in rows if r.get("relaxed")),
+            relax_converged_rate=rate("relax_converged"),
+            relax_failures=sum(1 for r in rows if r.get("relax_error")),
+            mean_rmsd=mean("rmsd"),
+        )
+    targets = sorted({name for r in rows for name in (r.get("conditions") or {})})
+    for name in targets:
+        judged = [r[f"meets_{name}"] for r in rows if r.get(f"meets_{name}") is not None]
+        summary[f"meets_{name}_rate"] = float(np.mean(judged)) if judged else None
+        summary[f"judged_{name}"] = len(judged)
+    summary["notes"] = notes
+    return summary
+
+
+def _unique_ids(ids: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for identifier in ids:
+        count = seen.get(identifier, 0)
+        seen[identifier] = count + 1
+        out.append(identifier if count == 0 else f"{identifier}#{count}")
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
