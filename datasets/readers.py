@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TextIO
 
 from xtalgen.datasets.properties import property_columns
-from xtalgen.datasets.validation import Rejection
+from xtalgen.datasets.validation import Rejection, printable
 from xtalgen.schema.data import ReaderConfig
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -118,6 +118,7 @@ def _iter_one_input(name: str, cfg: ReaderConfig) -> Iterator[RawItem | Rejectio
 
 
 def unreadable(name: str, detail: str) -> Rejection:
+    name, detail = printable(name), printable(detail)
     return Rejection(id=name, source=name, reason="unreadable_file", detail=detail)
 
 

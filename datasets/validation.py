@@ -470,13 +470,34 @@ def parse_and_validate(
         except PropertyError as exc:
             raise Reject("bad_property", str(exc)) from None
         properties.update(derived_properties(numbers, reader))
+        check_text(record_id, properties)
         return CrystalRecord(id=record_id, lattice=lattice, frac_coords=frac, atomic_numbers=numbers,
                              properties=properties)
     except Reject as rej:
-        return Rejection(id=record_id, source=item.source, reason=rej.reason, detail=rej.detail)
+        return _rejection(record_id, item.source, rej.reason, rej.detail)
     except Exception as exc:  # a bug or an input we did not foresee must not stop 600k others
-        return Rejection(id=record_id, source=item.source, reason="unparsable",
-                         detail=f"{type(exc).__name__}: {_first_line(exc)}")
+        return _rejection(record_id, item.source, "unparsable", f"{type(exc).__name__}: {_first_line(exc)}")
+
+
+def check_text(record_id: str, properties: dict) -> None:
+    """Ids and string properties must be valid UTF-8 (bytes that were not arrive as surrogates)."""
+    for what, text in [("id", record_id)] + [(f"property {k!r}", v) for k, v in properties.items() if isinstance(v, str)]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Reject("bad_encoding", f"{what} is not valid UTF-8") from None
+
+
+def printable(text: str) -> str:
+    """`text` with undecodable input bytes written as backslash escapes (b"\\xff" -> "\\xff")."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from input bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _rejection(record_id: str, source: str, reason: str, detail: str) -> Rejection:
+    return Rejection(id=printable(record_id), source=printable(source), reason=reason, detail=printable(detail))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -155,8 +155,8 @@ build_shards(sys.argv[3:], sys.argv[1], cfg, fmt="lmdb", workers=2, progress=Fal
 def test_resume_after_kill_gives_the_same_bytes(reference, inputs, tmp_path):
     out, _ = reference
     resumed = tmp_path / "resumed"
-    # Chunks of 8 (~170 of them) so the build is reliably killed halfway, not after it finished.
-    process = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, str(resumed), "8", *inputs],
+    # Chunks of 4 (348 of them) so the build is reliably killed halfway, not after it finished.
+    process = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, str(resumed), "4", *inputs],
                                start_new_session=True)
     build_dir = resumed / BUILD_DIR
     deadline = time.monotonic() + 120
@@ -167,8 +167,8 @@ def test_resume_after_kill_gives_the_same_bytes(reference, inputs, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)  # the build and its worker processes, as a crash would
     process.wait()
     done = len(list(build_dir.glob("chunk-*.msgpack")))
-    assert 6 <= done < 170 and not (resumed / "manifest.json").exists(), "the build was not killed halfway"
-    summary = build_shards(inputs, resumed, _cfg(chunk_size=8), fmt="lmdb", workers=1, progress=False)
+    assert 6 <= done < 348 and not (resumed / "manifest.json").exists(), "the build was not killed halfway"
+    summary = build_shards(inputs, resumed, _cfg(chunk_size=4), fmt="lmdb", workers=1, progress=False)
     # Same records, same order, same bytes as the uninterrupted build (its chunk size was 128:
     # the output does not depend on it either, only the resume bookkeeping does).
     reference_bytes = _tree_bytes(out)
@@ -177,7 +177,31 @@ def test_resume_after_kill_gives_the_same_bytes(reference, inputs, tmp_path):
     differing = {k for k in reference_bytes if reference_bytes[k] != resumed_bytes[k]}
     assert differing <= {"manifest.json"}
     a, b = read_manifest(out), read_manifest(resumed)
-    assert a["config"]["shard"]["chunk_size"] == 128 and b["config"]["shard"]["chunk_size"] == 8
+    assert a["config"]["shard"]["chunk_size"] == 128 and b["config"]["shard"]["chunk_size"] == 4
     a["config"]["shard"]["chunk_size"] = b["config"]["shard"]["chunk_size"] = None
     assert a == b
     assert summary.read == summary.accepted + summary.rejected == 801 + 300 + 288
+
+
+def test_undecodable_bytes_never_stop_a_build(tmp_path, perov_val):
+    """Invalid UTF-8 in an id, a CIF, or a file name: rejected as bad_encoding, reported legibly."""
+    with open(perov_val, newline="") as f:
+        rows = list(islice(csv.reader(f), 4))
+    header, good, bad_id, bad_cif = rows
+    path = tmp_path / "mixed.csv"
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerow(good)
+        writer.writerow([bad_id[0], "id-\udcff", *bad_id[2:]])
+        writer.writerow([bad_cif[0], bad_cif[1], bad_cif[2].replace("data_", "data_\udcfe"), *bad_cif[3:]])
+    odd_name = tmp_path / "caf\udce9.csv"
+    with open(odd_name, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write("no cif column here\n")
+    summary = build_shards([str(path), str(odd_name)], tmp_path / "out", _cfg(), workers=1, progress=False)
+    assert (summary.read, summary.accepted) == (4, 1)
+    assert summary.by_reason == {"bad_encoding": 2, "unreadable_file": 1}
+    with open(summary.rejects_path, encoding="utf-8", newline="") as f:
+        rejects = list(csv.DictReader(f))
+    assert [r["id"] for r in rejects[:2]] == ["id-\\xff", bad_cif[1]]
+    assert rejects[2]["source"].endswith("caf\\xe9.csv")
