@@ -496,8 +496,9 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     status = "preempted"
-                    self.metrics.event({"event": "preempted", "step": self.step,
-                                        "signal": self._stop_signal or "peer rank"})
+                    if self.is_main:
+                        self.metrics.event({"event": "preempted", "step": self.step,
+                                            "signal": self._stop_signal or "peer rank"})
                     break
         finally:
             progress.close()
