@@ -39,6 +39,7 @@ MATTERGEN_COLUMNS: dict[str, PropertyColumn] = {
         PropertyColumn(column="space_group", name="space_group", kind="int"),
         PropertyColumn(column="dft_mag_density", name="dft_mag_density", kind="float"),
         PropertyColumn(column="dft_bulk_modulus", name="dft_bulk_modulus", kind="float"),
+        PropertyColumn(column="dft_shear_modulus", name="dft_shear_modulus", kind="float"),
         PropertyColumn(column="ml_bulk_modulus", name="ml_bulk_modulus", kind="float"),
         PropertyColumn(column="hhi_score", name="hhi_score", kind="float"),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import sys
 import zipfile
 from itertools import islice
@@ -199,3 +200,20 @@ def test_pymatgen_structures_from_python(perov_rows, csv_records):
     _assert_same_structures(results[:-1], csv_records)
     assert results[0].properties["dft_band_gap"] == float(perov_rows[0]["dir_gap"])
     assert results[-1].reason == "disordered" and results[-1].id == "alloy"
+
+
+def test_csv_members_of_a_zip_are_streamed(tmp_path, perov_val):
+    """A release zip (train.csv + val.csv inside a folder) can be read without unpacking it."""
+    archive = tmp_path / "release.zip"
+    with open(perov_val, newline="") as handle:
+        lines = list(islice(csv.reader(handle), 6))
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for split, rows in (("train", lines[1:4]), ("val", lines[4:6])):
+            with zf.open(f"release/{split}.csv", "w") as member, \
+                    io.TextIOWrapper(member, encoding="utf-8", newline="") as text:
+                csv.writer(text).writerows([lines[0], *rows])
+    items = list(iter_raw_items([str(archive)], READER))
+    assert [(item.split, item.id) for item in items] == [("train", r[1]) for r in lines[1:4]] + \
+        [("val", r[1]) for r in lines[4:6]]
+    assert items[3].source == f"{archive}:release/val.csv:row 0"
+    assert all(isinstance(parse_and_validate(item, READER, VALIDATION), CrystalRecord) for item in items)
