@@ -15,7 +15,7 @@ Each file is fetched with urllib into `NAME.part`; an interrupted download resum
 Range request. It is checked against its sha256 (from the Git LFS pointer, or computed from the
 published file) and/or its git blob id (what GitHub itself stores for the CDVAE CSVs), and only
 then renamed to its final name; a mismatch deletes the partial file and raises `ChecksumError`.
-Zips are unpacked next to themselves (members may not escape the folder).
+Zips are kept in `OUT/.downloads/` and unpacked into OUT (members may not escape it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 CDVAE_RAW = "https://raw.githubusercontent.com/txie-93/cdvae/main/data"
 MATTERGEN_LFS = "https://media.githubusercontent.com/media/microsoft/mattergen/main/data-release"
 CHUNK_BYTES = 1 << 20
+ARCHIVE_DIR = ".downloads"  # inside the output folder: downloaded zips (and their .part files)
 ATTEMPTS = 3  # connection drops resume from where they stopped, this many times per call
 
 
@@ -154,7 +155,11 @@ def fetch_source(source: DatasetSource, out_dir: str | Path, *, progress: bool =
     out_dir.mkdir(parents=True, exist_ok=True)
     extracted: list[Path] = []
     for remote in source.files:
-        path = download_file(remote, out_dir / remote.name, progress=progress)
+        # Archives are kept in a hidden folder: `shard build OUT` must read the unpacked CSVs
+        # once, not also the zip (readers skip hidden files and folders).
+        dest = out_dir / ARCHIVE_DIR / remote.name if remote.unzip else out_dir / remote.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        path = download_file(remote, dest, progress=progress)
         if remote.unzip:
             extracted.extend(safe_unzip(path, out_dir))
     return csv_folder(out_dir, extracted)

@@ -9,7 +9,8 @@ Supported inputs:
   *.csv                 a `cif` column (MP-20 / Alex-MP-20 / Perov-5 / Carbon-24 layout; the first
                         column may be an unnamed pandas index)
   *.cif                 one structure per file
-  folder                every supported file inside, recursively, in sorted order
+  folder                every supported file inside, recursively, in sorted order (hidden files
+                        and folders, such as downloaded archives in .downloads/, are skipped)
   *.zip                 CIF and CSV members, in sorted order
   *.extxyz, *.xyz       extended XYZ, one item per frame
   *.db                  ASE database, one item per row
@@ -74,9 +75,11 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
         if name.startswith(BUILTIN_PREFIX) or not os.path.isdir(name):
             expanded.append(name)
             continue
+        root = Path(name)
         files = sorted(
-            str(p) for p in Path(name).rglob("*")
-            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+            str(p) for p in root.rglob("*")
+            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)  # hidden: skipped
         )
         expanded.extend(files)
     return expanded

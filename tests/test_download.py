@@ -105,9 +105,10 @@ def test_zip_download_verifies_unpacks_and_is_ready_to_build(server, tmp_path, p
     folder = download_dataset("alex_mp_20", tmp_path / "alex", url=f"{server.base}/alex_mp_20.zip",
                               sha256=hashlib.sha256(data).hexdigest(), progress=False)
     assert folder == (tmp_path / "alex" / "alex_mp_20").resolve()
-    assert (tmp_path / "alex" / "alex_mp_20.zip").read_bytes() == data
-    items = list(iter_raw_items([str(folder)], ReaderConfig()))
-    assert len(items) == 25 and {i.split for i in items} == {"train", "val"}
+    assert (tmp_path / "alex" / ".downloads" / "alex_mp_20.zip").read_bytes() == data
+    for inputs in ([folder], [tmp_path / "alex"]):  # the archive itself is not read a second time
+        items = list(iter_raw_items([str(i) for i in inputs], ReaderConfig()))
+        assert len(items) == 25 and {i.split for i in items} == {"train", "val"}
     # A second call finds everything in place and downloads nothing.
     requests = len(server.requests)
     assert download_dataset("alex_mp_20", tmp_path / "alex", url=f"{server.base}/alex_mp_20.zip",
@@ -119,14 +120,14 @@ def test_truncated_download_resumes_with_range(server, tmp_path, perov_val):
     data = _alex_like_zip(perov_val)
     server.files["alex_mp_20.zip"] = data
     out = tmp_path / "alex"
-    out.mkdir()
+    (out / ".downloads").mkdir(parents=True)
     # An earlier, interrupted run left the first 1000 bytes.
-    (out / "alex_mp_20.zip.part").write_bytes(data[:1000])
+    (out / ".downloads" / "alex_mp_20.zip.part").write_bytes(data[:1000])
     download_dataset("alex_mp_20", out, url=f"{server.base}/alex_mp_20.zip",
                      sha256=hashlib.sha256(data).hexdigest(), progress=False)
     assert server.requests == [("alex_mp_20.zip", "bytes=1000-")]
-    assert (out / "alex_mp_20.zip").read_bytes() == data
-    assert not (out / "alex_mp_20.zip.part").exists()
+    assert (out / ".downloads" / "alex_mp_20.zip").read_bytes() == data
+    assert not (out / ".downloads" / "alex_mp_20.zip.part").exists()
 
 
 def test_connection_dropped_midway_is_resumed_in_the_same_call(server, tmp_path, perov_val):
@@ -136,7 +137,7 @@ def test_connection_dropped_midway_is_resumed_in_the_same_call(server, tmp_path,
     download_dataset("alex_mp_20", tmp_path, url=f"{server.base}/alex_mp_20.zip",
                      sha256=hashlib.sha256(data).hexdigest(), progress=False)
     assert server.requests == [("alex_mp_20.zip", None), ("alex_mp_20.zip", f"bytes={len(data) // 2}-")]
-    assert (tmp_path / "alex_mp_20.zip").read_bytes() == data
+    assert (tmp_path / ".downloads" / "alex_mp_20.zip").read_bytes() == data
 
 
 def test_wrong_hash_is_rejected_and_not_kept(server, tmp_path, perov_val):
@@ -144,7 +145,7 @@ def test_wrong_hash_is_rejected_and_not_kept(server, tmp_path, perov_val):
     with pytest.raises(ChecksumError, match="expected " + "0" * 64):
         download_dataset("alex_mp_20", tmp_path, url=f"{server.base}/alex_mp_20.zip", sha256="0" * 64,
                          progress=False)
-    assert not any(tmp_path.iterdir()), "neither the file nor its partial download may remain"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "neither the file nor its partial download may remain"
 
 
 def test_missing_file_and_unknown_dataset(server, tmp_path):
