@@ -114,6 +114,7 @@ def build_shards(
 
     out_dir = Path(out_dir)
     build_dir = out_dir / BUILD_DIR
+    inputs = _input_files(inputs, out_dir)
     sources = source_fingerprints(inputs, progress=progress)
     fingerprint = build_fingerprint(sources, cfg)
     assembly = assembly_settings(cfg, fmt)
@@ -147,6 +148,14 @@ def build_shards(
 # ---------------------------------------------------------------------------------------------
 # Fingerprints
 # ---------------------------------------------------------------------------------------------
+def _input_files(inputs: Sequence[str], out_dir: Path) -> list[str]:
+    """Inputs with folders expanded, minus anything inside `out_dir` (its own rejects.csv when
+    the output folder sits inside an input folder)."""
+    out = out_dir.resolve()
+    return [name for name in expand_inputs(inputs)
+            if name.startswith(BUILTIN_PREFIX) or out not in Path(name).resolve().parents]
+
+
 def file_digest(path: str | Path, progress: bool = False) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0

@@ -205,3 +205,13 @@ def test_undecodable_bytes_never_stop_a_build(tmp_path, perov_val):
         rejects = list(csv.DictReader(f))
     assert [r["id"] for r in rejects[:2]] == ["id-\\xff", bad_cif[1]]
     assert rejects[2]["source"].endswith("caf\\xe9.csv")
+
+
+def test_output_folder_inside_an_input_folder_is_not_read(tmp_path, perov_val):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_subset(perov_val, data / "perov.csv", 20)
+    first = build_shards([str(data)], data / "shards", _cfg(), workers=1, progress=False)
+    assert (data / "shards" / "rejects.csv").exists() and first.read == 20
+    again = build_shards([str(data)], data / "shards", _cfg(), workers=1, progress=False)  # up to date
+    assert again.to_dict() == first.to_dict()
