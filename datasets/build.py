@@ -122,15 +122,19 @@ def build_shards(
         shutil.rmtree(build_dir)
     state = _load_state(build_dir)
     if state is not None:
-        if state["fingerprint"] != fingerprint:
-            raise BuildStateError(
-                f"{build_dir} holds an unfinished or finished build of other inputs or another "
-                f"reader/validation config; rerun with --restart (restart=True) to start over"
-            )
-        done = state.get("summary")
-        if done and state.get("assembly") == assembly and (out_dir / "manifest.json").exists():
+        finished = state.get("summary")
+        if state.get("fingerprint") != fingerprint:
+            if not finished:  # resuming would mix chunks of two different builds
+                raise BuildStateError(
+                    f"{build_dir} holds an unfinished build of other inputs or another reader/validation "
+                    "config; run the original command again to finish it, or pass --restart "
+                    "(restart=True) to discard it and start over"
+                )
+            _log(progress, f"{out_dir}: inputs or config changed since the last build; rebuilding")
+            shutil.rmtree(build_dir)
+        elif finished and state.get("assembly") == assembly and (out_dir / "manifest.json").exists():
             _log(progress, f"{out_dir} is up to date with these inputs and config (restart=True rebuilds)")
-            return _summary_from_dict(done)
+            return _summary_from_dict(finished)
     build_dir.mkdir(parents=True, exist_ok=True)
     for stale in build_dir.glob("*.tmp"):  # half-written chunk of a killed build
         stale.unlink()
@@ -156,7 +160,7 @@ def _input_files(inputs: Sequence[str], out_dir: Path) -> list[str]:
             if name.startswith(BUILTIN_PREFIX) or out not in Path(name).resolve().parents]
 
 
-def file_digest(path: str | Path, progress: bool = False) -> tuple[str, int]:
+def file_digest(path: str | Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:
@@ -170,6 +174,7 @@ def source_fingerprints(inputs: Sequence[str], progress: bool = False) -> list[d
     """{"path", "sha256", "bytes"} of every input file (folders expanded; missing files: None)."""
     from xtalgen.datasets.builtin import builtin_fingerprint
 
+    _log(progress, f"hashing {len(inputs)} input(s)")
     out = []
     for name in expand_inputs(inputs):
         if name.startswith(BUILTIN_PREFIX):

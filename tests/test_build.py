@@ -140,6 +140,9 @@ def test_other_inputs_in_the_same_folder_need_restart(inputs, tmp_path):
         build_shards(inputs[2:], out, _cfg(), workers=1, progress=False)
     summary = build_shards(inputs[2:], out, _cfg(), workers=1, progress=False, restart=True)
     assert summary.read == 288 and summary.by_reason == {"too_many_atoms": 38}
+    # A finished build is simply rebuilt when its inputs change: no work can be lost.
+    changed = build_shards(inputs[1:], out, _cfg(), workers=1, progress=False)
+    assert changed.read == 300 + 288 and read_manifest(out)["num_records"] == changed.accepted
 
 
 _BUILD_SCRIPT = """
