@@ -10,7 +10,8 @@
    (accepted records encoded with `xtalgen.record.encode_record`, plus rejections). A killed
    build leaves only whole chunk files; running the same command again skips them. The input
    fingerprint (sources' sha256 + reader/validation config + chunk size) is kept in
-   `OUT/.build/state.json`; a different input or config is refused unless `restart=True`.
+   `OUT/.build/state.json`: an unfinished build of other inputs or another config is refused
+   (`BuildStateError`) unless `restart=True`; a finished one is simply rebuilt.
 3. Assembly, in global order: duplicate ids among accepted records (the later one is rejected as
    `duplicate_id`), split assignment (the input's own split when its file is named
    train/val/test, else a hash of the id), then `xtalgen.sharding.ShardSetWriter`, which writes
