@@ -221,8 +221,8 @@ def parse_p1_cif(text: str) -> tuple[tuple[float, ...], np.ndarray, np.ndarray]:
         raise Reject("unparsable", "atom sites lack fract_y or fract_z")
     from_label = "_atom_site_type_symbol" not in sites
     symbols = sites.get("_atom_site_type_symbol") or sites.get("_atom_site_label")
-    if symbols is None:
-        raise Reject("unparsable", "atom sites have neither type_symbol nor label")
+    if symbols is None:  # species given in another loop: an uncommon layout, leave it to pymatgen
+        raise _NotP1Layout("atom sites have neither type_symbol nor label")
     occupancies = sites.get("_atom_site_occupancy")
     if occupancies is not None:
         try:
