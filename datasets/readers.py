@@ -81,7 +81,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
             if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)  # hidden: skipped
         )
-        expanded.extend(files)
+        expanded.extend(files or [name])  # an empty folder stays, to be reported as unreadable
     return expanded
 
 
@@ -110,6 +110,9 @@ def _iter_one_input(name: str, cfg: ReaderConfig) -> Iterator[RawItem | Rejectio
         **dict.fromkeys(DB_SUFFIXES, iter_ase_db),
         **dict.fromkeys(ZIP_SUFFIXES, iter_zip),
     }
+    if os.path.isdir(name):
+        yield unreadable(name, f"folder holds no supported files ({', '.join(SUPPORTED_SUFFIXES)})")
+        return
     if not os.path.isfile(name):
         yield unreadable(name, "no such file or folder")
         return

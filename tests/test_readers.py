@@ -169,7 +169,8 @@ def test_unreadable_inputs_yield_one_rejection_each(tmp_path, perov_val):
     (tmp_path / "broken.db").write_bytes(b"not a database at all" * 10)
     (tmp_path / "no_cif.csv").write_text(",material_id,formula\n0,a,NaCl\n")
     (tmp_path / "empty.csv").write_text("")
-    names = ["broken.zip", "broken.db", "no_cif.csv", "empty.csv", "missing.cif", "notes.pdf"]
+    (tmp_path / "empty_folder").mkdir()
+    names = ["broken.zip", "broken.db", "no_cif.csv", "empty.csv", "missing.cif", "notes.pdf", "empty_folder"]
     (tmp_path / "notes.pdf").write_bytes(b"%PDF")
     inputs = [str(tmp_path / n) for n in names] + [str(perov_val)]
     stream = list(iter_raw_items(inputs, READER))
