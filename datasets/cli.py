@@ -10,6 +10,7 @@ from pathlib import Path
 RAW = argparse.RawDescriptionHelpFormatter
 
 DATA_EPILOG = """examples:
+  xtalgen data list
   xtalgen data download mp_20 --out data/mp_20
   xtalgen data download alex_mp_20 --out data/alex_mp_20 --url https://mirror.example/alex_mp_20.zip \\
       --sha256 <expected sha256>
@@ -64,12 +65,16 @@ def _register_data(subparsers) -> None:
     download = sub.add_parser("download", help="download, verify and unpack a dataset",
                               description="Download (resumable), check sha256 and unpack a public dataset.",
                               epilog=DATA_EPILOG, formatter_class=RAW)
-    download.add_argument("name", help="mp_20, alex_mp_20, perov_5 or carbon_24")
+    download.add_argument("name", help="mp_20, alex_mp_20, perov_5, carbon_24 (see `xtalgen data list`)")
     download.add_argument("--out", required=True, type=Path, help="folder to put the CSV files in")
     download.add_argument("--url", help="download from this URL instead of the default source")
     download.add_argument("--sha256", help="expected sha256 of the downloaded file")
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(func=_download)
+    listing = sub.add_parser("list", help="the datasets `download` knows, with their sources",
+                             description="List the public datasets and where they are downloaded from.",
+                             epilog="example:\n  xtalgen data list", formatter_class=RAW)
+    listing.set_defaults(func=_list)
     data.set_defaults(func=lambda args: _help(data))
 
 
@@ -203,6 +208,16 @@ def _subset(args) -> int:
     for name, info in load_subset(args.dir, path)["splits"].items():
         print(f"  {name:<10}{info['count']:>10} of {info['available']} carrying {args.property_name}")
     print(f"subset: {path.stem}  ({path})")
+    return 0
+
+
+def _list(args) -> int:
+    from xtalgen.datasets.download import DATASETS
+
+    for name, source in DATASETS.items():
+        print(f"{name:<18}{source.description}")
+        for remote in source.files:
+            print(f"{'':<20}{remote.name:<18}{remote.url}")
     return 0
 
 

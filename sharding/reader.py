@@ -106,9 +106,15 @@ class ShardSet:
         return [found[int(i)] for i in indices]
 
     def get_records(self, split: str, indices: Sequence[int]) -> list[CrystalRecord]:
-        shard = self.shards(split)[0]["file"] if self.format == "lmdb" else f"{split} (webdataset)"
         values = self.get_values(split, indices)
-        return [unseal_record(v, shard, record_key(int(i))) for i, v in zip(indices, values)]
+        return [unseal_record(v, self.shard_of(split, int(i)), record_key(int(i))) for i, v in zip(indices, values)]
+
+    def shard_of(self, split: str, index: int) -> str:
+        """File name (relative to the set) of the shard holding record `index` of `split`."""
+        shards = self.shards(split)
+        if self.format == "lmdb":
+            return shards[0]["file"]
+        return shards[index // self.manifest["records_per_shard"]]["file"]
 
     def lmdb_reader(self, split: str) -> LmdbSplitReader:
         """The random-access reader of an LMDB split (map-style loaders use it directly)."""

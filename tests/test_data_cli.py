@@ -97,13 +97,19 @@ def test_download_build_verify_stats_subset(http_root, perov_val, tmp_path, caps
 
 
 def test_every_command_has_help_with_an_example(capsys):
-    for command in (["data", "download"], ["shard", "build"], ["shard", "verify"], ["shard", "stats"],
+    for command in (["data", "download"], ["data", "list"], ["shard", "build"], ["shard", "verify"], ["shard", "stats"],
                     ["shard", "subset"]):
         with pytest.raises(SystemExit) as exit_:
             main([*command, "--help"])
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert "example" in text and f"xtalgen {' '.join(command)}" in text
+
+
+def test_data_list_names_the_public_sets(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("mp_20", "alex_mp_20", "perov_5", "carbon_24"))
 
 
 def test_verify_of_a_folder_without_manifest_fails_clearly(tmp_path, capsys):
