@@ -27,6 +27,7 @@ import resource
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from xtalgen.train.ema import ExponentialMovingAverage
 from xtalgen.train.logging import MetricsLogger
 
 log = logging.getLogger("xtalgen.train")
+# DeepSpeed calls torch.distributed functions that torch now marks deprecated, once per step.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3  # too many non-finite losses: the run stopped, do not requeue blindly
@@ -246,6 +249,7 @@ class Trainer:
             zero_stage=self.tc.zero_stage,
             precision=self.tc.precision,
             gradient_accumulation_steps=self.accumulation,
+            device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             wandb_id=self.metrics.wandb_id if self.metrics else None,
             versions={"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                       "python": platform.python_version()},
