@@ -59,6 +59,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.parent.name == "checkpoints":  # RUN/checkpoints/<tag>: that run's model file
+        path = path.parent.parent
     model_file = path / RUN_MODEL_FILE
     consolidate = f"xtalgen train consolidate {path} --out {model_file}"
     if not model_file.is_file():

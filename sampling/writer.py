@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -242,7 +243,8 @@ def _append_durably(path: Path, text: str) -> None:
 
 def _atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     """Write to a private temporary file, then rename over `path`: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Host and pid in the name: ranks on several nodes may share the directory (and a pid).
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with tmp.open("w") as handle:
         handle.write(text)
         if durable:

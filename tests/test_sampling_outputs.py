@@ -266,6 +266,7 @@ def test_checkpoint_is_a_model_file_or_a_run_directory(tmp_path, capsys):
         resolve_checkpoint(run)
     (run / "model.pt").write_bytes(b"")
     assert resolve_checkpoint(run) == run / "model.pt"
+    assert resolve_checkpoint(run / "checkpoints" / "step_10") == run / "model.pt"
     assert capsys.readouterr().err == ""
     newer = run / "checkpoints" / "step_20"
     newer.mkdir()
