@@ -36,7 +36,10 @@ def _shared_readonly_env(path: Path) -> lmdb.Environment:
     key = (os.getpid(), st.st_dev, st.st_ino)
     if key not in _SHARED:
         for stale in [k for k in _SHARED if k[0] != key[0]]:
-            del _SHARED[stale]  # inherited through fork: unusable here
+            # Inherited through fork (a DataLoader worker): py-lmdb would refuse to reopen the file
+            # while this copy is open. Closing it unmaps only this process's copy; without a lock
+            # file there is no shared state, so the parent's environment is untouched.
+            _SHARED.pop(stale).close()
         _SHARED[key] = _open_env(path, readonly=True)
     return _SHARED[key]
 

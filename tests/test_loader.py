@@ -114,6 +114,7 @@ def test_lmdb_two_ranks_cover_every_record_once_within_atom_budget(lmdb_dir, rec
 
 
 def test_lmdb_with_dataloader_workers_gives_the_same_batches(lmdb_dir):
+    open_shards(lmdb_dir).get_values("train", [0])  # the parent has the file open before workers fork
     plain = list(CrystalLoader(lmdb_dir, batch_size=16, seed=1, rank=1, world_size=2))
     workers = list(CrystalLoader(lmdb_dir, batch_size=16, seed=1, rank=1, world_size=2, num_workers=2))
     assert len(plain) == len(workers) and all(batches_equal(a, b) for a, b in zip(plain, workers))
