@@ -288,3 +288,34 @@ def test_consolidated_ema_equals_the_weights_when_decay_is_zero(records, tmp_pat
     assert raw.keys() == ema.keys() == ToyDenoiser(hidden=32).state_dict().keys()
     assert all(torch.equal(raw[k], ema[k]) for k in raw)
     ToyDenoiser(hidden=32).load_state_dict(ema, strict=True)
+
+
+def test_bf16_run_resumes_exactly(records, tmp_path):
+    bf16 = ["train.precision=bf16", "train.zero_stage=1"]
+    fit(records, tmp_path / "a", "train.max_steps=4", *bf16)
+    fit(records, tmp_path / "b", "train.max_steps=2", *bf16)
+    fit(records, tmp_path / "b", "train.max_steps=4", "train.resume=auto", *bf16)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in a)
+
+
+# --- launchers ----------------------------------------------------------------------------------
+def test_launcher_environment_from_torchrun_slurm_and_plain_python():
+    from xtalgen.train.distributed import launcher_environment
+
+    torchrun = launcher_environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                     "MASTER_ADDR": "node7", "MASTER_PORT": "29400"})
+    assert torchrun == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7",
+                        "MASTER_PORT": "29400"}
+    # srun: one task per process; without scontrol, a single-host nodelist is the host itself.
+    slurm = launcher_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                                  "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu001", "PATH": ""})
+    assert (slurm["RANK"], slurm["WORLD_SIZE"], slurm["LOCAL_RANK"]) == ("5", "16", "1")
+    assert slurm["MASTER_ADDR"] == "gpu001" and slurm["MASTER_PORT"] == str(29500 + 4242)
+    # torchrun inside an srun task wins over Slurm's per-task numbers
+    nested = launcher_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "RANK": "9", "WORLD_SIZE": "16"})
+    assert (nested["RANK"], nested["WORLD_SIZE"]) == ("9", "16")
+    alone = launcher_environment({})
+    assert (alone["RANK"], alone["WORLD_SIZE"], alone["LOCAL_RANK"]) == ("0", "1", "0")
+    assert 0 < int(alone["MASTER_PORT"]) < 65536

@@ -75,3 +75,18 @@ def test_train_resume_and_consolidate_on_perov_shards(perov_shards, tmp_path):
 def test_missing_shards_is_a_config_error_naming_the_key(tmp_path, capsys):
     assert xtalgen_main(["train", "debug", f"data.shards={tmp_path / 'none'}"]) == 2
     assert "data.shards" in capsys.readouterr().err
+
+
+def test_debug_flag_caps_steps_and_prints_every_step(perov_shards, tmp_path, capsys, monkeypatch):
+    from xtalgen.train import cli as train_cli
+
+    monkeypatch.setattr(train_cli, "DEBUG_MAX_STEPS", 3)  # the real cap (20) costs minutes here
+    run_dir = tmp_path / "debug"
+    assert train(perov_shards, run_dir, "train.max_steps=100000", "train.log_every=50", "--debug") == 0
+    saved = (run_dir / "config.yaml").read_text()
+    assert "debug: true" in saved and "max_steps: 3" in saved and "log_every: 1" in saved
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
+    out = capsys.readouterr()
+    printed = [json.loads(x) for x in (out.out + out.err).splitlines() if x.startswith("{")]
+    assert [p["step"] for p in printed] == [1, 2, 3]
+    assert "training completed at step 3" in out.out

@@ -42,6 +42,8 @@ def register(subparsers) -> None:
                         help=f"tiny preset, at most {DEBUG_MAX_STEPS} steps, anomaly detection, per-step output")
     parser.add_argument("--out", help="consolidate: output model file")
     parser.add_argument("--raw", action="store_true", help="consolidate: raw weights instead of the EMA")
+    # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=main)
 
 

@@ -43,7 +43,7 @@ def raw_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         if not module_file.exists():
             raise FileNotFoundError(f"{checkpoint_dir}: neither ZeRO partitions nor {module_file.name}")
         state = torch.load(module_file, map_location="cpu", weights_only=True)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in _strip_prefix(state).items()}
+    return {k: (v.float() if v.is_floating_point() else v).detach() for k, v in _strip_prefix(state).items()}
 
 
 def ema_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
