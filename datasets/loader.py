@@ -68,6 +68,19 @@ def collate_values(
     """Sealed record values -> CrystalBatch, equal bit for bit to `xtalgen.batch.collate` of the
     decoded records, without building a CrystalRecord per structure. `checked`: the values' crc32
     was verified already (where the shard name was known)."""
+    return to_batch(decode_arrays(values, indices, shard, property_names, checked))
+
+
+def decode_arrays(
+    values: Sequence[bytes], indices: Sequence[int], shard: str, property_names: Sequence[str] = (),
+    checked: bool = False,
+) -> dict:
+    """The batch as plain numpy arrays (one join per field, no per-atom Python).
+
+    DataLoader workers return this rather than tensors: numpy arrays travel to the main process
+    pickled by value (~10 µs for a batch), whereas each tensor would get its own shared-memory
+    segment (~1 ms each), which made workers slower than no workers.
+    """
     payloads = [unpack(v, shard, record_key(int(i)), checked) for v, i in zip(values, indices)]
     num_atoms = np.fromiter((p["n"] for p in payloads), dtype=np.int64, count=len(payloads))
     total = int(num_atoms.sum())
@@ -83,35 +96,47 @@ def collate_values(
     props, masks = {}, {}
     for name in property_names:
         props[name], masks[name] = _property_column([p["props"].get(name) for p in payloads], name)
+    return {"lattice": lattice, "frac_coords": frac, "atomic_numbers": z, "num_atoms": num_atoms,
+            "ids": [p["id"] for p in payloads], "properties": props, "property_mask": masks}
+
+
+def to_batch(arrays: dict) -> CrystalBatch:
+    """`decode_arrays` output -> CrystalBatch (zero-copy: tensors share the arrays' memory)."""
+    num_atoms = arrays["num_atoms"]
     return CrystalBatch(
-        lattice=torch.from_numpy(lattice),
-        frac_coords=torch.from_numpy(frac),
-        atomic_numbers=torch.from_numpy(z),
+        lattice=torch.from_numpy(arrays["lattice"]),
+        frac_coords=torch.from_numpy(arrays["frac_coords"]),
+        atomic_numbers=torch.from_numpy(arrays["atomic_numbers"]),
         num_atoms=torch.from_numpy(num_atoms),
-        batch_index=torch.from_numpy(np.repeat(np.arange(len(payloads), dtype=np.int64), num_atoms)),
-        ids=[p["id"] for p in payloads],
-        properties=props,
-        property_mask=masks,
+        batch_index=torch.from_numpy(np.repeat(np.arange(len(num_atoms), dtype=np.int64), num_atoms)),
+        ids=arrays["ids"],
+        properties={k: torch.from_numpy(v) for k, v in arrays["properties"].items()},
+        property_mask={k: torch.from_numpy(v) for k, v in arrays["property_mask"].items()},
     )
 
 
-def _property_column(values: list, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _keep_arrays(item):
+    """DataLoader `collate_fn`: leave worker output as numpy (see `decode_arrays`)."""
+    return item
+
+
+def _property_column(values: list, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(B,) values and (B,) presence mask, with `xtalgen.batch.collate`'s typing rules; chemical
     systems ("Co-Li-O") become a (B, 100) multi-hot over Z = 1..100 (column Z - 1)."""
     mask = [has_value(v) for v in values]
     present = [v for v, m in zip(values, mask) if m]
     if present and all(isinstance(v, str) for v in present):
-        column = torch.zeros(len(values), MAX_ATOMIC_NUMBER, dtype=torch.float64)
+        column = np.zeros((len(values), MAX_ATOMIC_NUMBER), dtype=np.float64)
         for row, (v, m) in enumerate(zip(values, mask)):
             if m:
                 column[row, _element_columns(v, name)] = 1.0
     elif all(isinstance(v, int) and not isinstance(v, bool) for v in present):
-        column = torch.tensor([int(v) if m else 0 for v, m in zip(values, mask)], dtype=torch.long)
+        column = np.array([int(v) if m else 0 for v, m in zip(values, mask)], dtype=np.int64)
     elif all(isinstance(v, (int, float)) for v in present):
-        column = torch.tensor([float(v) if m else 0.0 for v, m in zip(values, mask)], dtype=torch.float64)
+        column = np.array([float(v) if m else 0.0 for v, m in zip(values, mask)], dtype=np.float64)
     else:
         raise ValueError(f"property {name!r} is not numeric; encode it before collation")
-    return column, torch.tensor(mask, dtype=torch.bool)
+    return column, np.array(mask, dtype=bool)
 
 
 def _element_columns(system: str, name: str) -> list[int]:
@@ -169,9 +194,9 @@ class _LmdbBatches(Dataset):
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
-    def __getitem__(self, b: int) -> CrystalBatch:
+    def __getitem__(self, b: int) -> dict:
         indices = self.order[self.bounds[b] : self.bounds[b + 1]]
-        return collate_values(self.reader.get_many(indices), indices, self.shard, self.property_names)
+        return decode_arrays(self.reader.get_many(indices), indices, self.shard, self.property_names)
 
 
 class _WdsStreams(IterableDataset):
@@ -182,7 +207,7 @@ class _WdsStreams(IterableDataset):
         self.property_names = tuple(property_names)
         self.length = max((p.num_batches for p in plans), default=0)  # items per stream, padded
 
-    def __iter__(self) -> Iterator[CrystalBatch | None]:
+    def __iter__(self) -> Iterator[dict | None]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         if workers != len(self.plans):
@@ -197,8 +222,9 @@ class _WdsStreams(IterableDataset):
             yield None
 
 
-def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, property_names) -> Iterator[CrystalBatch]:
-    """Batches `skip`, `skip + 1`, ... of one stream, reading its tars sequentially.
+def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, property_names) -> Iterator[dict]:
+    """Batches `skip`, `skip + 1`, ... of one stream (as `decode_arrays` dicts), reading its tars
+    sequentially.
 
     Records are read in `plan.read_order`; window w (read positions [w * window, (w + 1) * window))
     is emitted in `plan.order`'s permutation of it. Shards wholly before the first needed window are
@@ -229,8 +255,8 @@ def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, propert
         while b < plan.num_batches and plan.bounds[b + 1] <= hi:
             # Positions before `start` (already consumed before a resume) go with the first batch.
             lo_b, hi_b = int(plan.bounds[b]) - ready_from, int(plan.bounds[b + 1]) - ready_from
-            yield collate_values(ready_val[lo_b:hi_b], ready_idx[lo_b:hi_b], "webdataset stream",
-                                 property_names, checked=True)
+            yield decode_arrays(ready_val[lo_b:hi_b], ready_idx[lo_b:hi_b], "webdataset stream",
+                                property_names, checked=True)
             del ready_idx[:hi_b], ready_val[:hi_b]
             ready_from += hi_b
             b += 1
@@ -349,7 +375,7 @@ class CrystalLoader:
         for item in items:
             self.position += 1
             if item is not None:
-                yield item
+                yield to_batch(item)
         self.epoch, self.position = self.epoch + 1, 0
 
     # --- internals -----------------------------------------------------------------------------------
@@ -417,7 +443,7 @@ class CrystalLoader:
             return np.arange(lo, hi, dtype=np.int64)
         return self._indices[np.searchsorted(self._indices, lo) : np.searchsorted(self._indices, hi)]
 
-    def _iter_lmdb(self) -> Iterator[CrystalBatch]:
+    def _iter_lmdb(self) -> Iterator[dict]:
         order, bounds = self._plan()
         reader = self.shards.lmdb_reader(self.split)
         dataset = _LmdbBatches(reader, reader.name, order, bounds, self.property_names)
@@ -425,11 +451,11 @@ class CrystalLoader:
         if self.num_workers == 0:
             return (dataset[b] for b in remaining)
         return iter(DataLoader(dataset, batch_size=None, sampler=remaining, num_workers=self.num_workers,
-                               prefetch_factor=self.prefetch_factor))
+                               prefetch_factor=self.prefetch_factor, collate_fn=_keep_arrays))
 
-    def _iter_wds(self) -> Iterator[CrystalBatch | None]:
+    def _iter_wds(self) -> Iterator[dict | None]:
         dataset = _WdsStreams(self.shards.path, self._plan(), self.position, self.window, self.property_names)
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                               prefetch_factor=self.prefetch_factor))
+                               prefetch_factor=self.prefetch_factor, collate_fn=_keep_arrays))
