@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from xtalgen.record import CrystalRecord
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Split whose statistics are the model's priors; others are reported per split only.
@@ -52,16 +54,15 @@ class SplitStats:
         self._density_sum = 0.0
         self._densities: list[float] = []
 
-    def add(self, num_atoms: int, volume: float, atomic_numbers: np.ndarray, properties: dict) -> None:
+    def add(self, record: CrystalRecord) -> None:
+        num_atoms = record.num_atoms
         self.num_records += 1
-        self.num_atoms_histogram[int(num_atoms)] += 1
-        zs, counts = np.unique(atomic_numbers, return_counts=True)
-        for z, c in zip(zs.tolist(), counts.tolist()):
-            self.element_counts[z] += c
-        for name, value in properties.items():
+        self.num_atoms_histogram[num_atoms] += 1
+        self.element_counts.update(record.atomic_numbers.tolist())
+        for name, value in record.properties.items():
             if has_value(value):
                 self.property_coverage[name] += 1
-        self._densities.append(num_atoms / volume)
+        self._densities.append(num_atoms / _volume(record.lattice))
         if len(self._densities) >= 65536:
             self._flush()
 
@@ -79,6 +80,13 @@ class SplitStats:
             "element_counts": {str(z): self.element_counts[z] for z in sorted(self.element_counts)},
             "property_coverage": {k: self.property_coverage[k] for k in sorted(self.property_coverage)},
         }
+
+
+def _volume(lattice: np.ndarray) -> float:
+    """|det| of a 3x3 lattice by the triple product on Python floats: ~15x faster than
+    np.linalg.det for one small matrix, which matters once per record on 600k records."""
+    (a1, a2, a3), (b1, b2, b3), (c1, c2, c3) = lattice.tolist()
+    return abs(a1 * (b2 * c3 - b3 * c2) - a2 * (b1 * c3 - b3 * c1) + a3 * (b1 * c2 - b2 * c1))
 
 
 def prior_stats(manifest: dict) -> dict:

@@ -25,7 +25,7 @@ def shard_stats(shard_dir: str | Path, recompute: bool = False, progress: bool =
             records = tqdm(shards.iter_records(split), total=shards.num_records(split), desc=split,
                            disable=not progress)
             for r in records:
-                acc.add(r.num_atoms, r.volume, r.atomic_numbers, r.properties)
+                acc.add(r)
             splits[split] = prior_stats({"stats": {"split": split, **acc.to_dict()}})
         else:
             splits[split] = shards.split_stats(split)

@@ -83,7 +83,7 @@ class ShardSetWriter:
             raise RuntimeError("ShardSetWriter.add after finalize")
         writer = self._writers.get(split) or self._open_split(split)
         writer.add(seal(encode_record(record)))
-        self._stats[split].add(record.num_atoms, record.volume, record.atomic_numbers, record.properties)
+        self._stats[split].add(record)
         self._num_atoms[split].append(record.num_atoms)
 
     def finalize(
