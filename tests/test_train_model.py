@@ -49,13 +49,19 @@ def test_train_resume_and_consolidate_on_perov_shards(perov_shards, tmp_path):
     from xtalgen.train.consolidate import consolidated_state_dict
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train(perov_shards, straight, "train.max_steps=5") == 0
+    # The straight run also samples periodically: that must not change its training stream.
+    sampling = ["train.sample_every=5", "train.sample_count=2", "train.sample_steps=2"]
+    assert train(perov_shards, straight, "train.max_steps=5", *sampling) == 0
     assert train(perov_shards, split, "train.max_steps=2") == 0
     assert train(perov_shards, split, "train.max_steps=5", "train.resume=auto") == 0
     a, b = metrics(straight), metrics(split)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     for key in ("loss", "loss_lattice", "loss_coords", "loss_types", "grad_norm"):
         assert [m[key] for m in a] == [m[key] for m in b], key
+
+    sampled = [json.loads(x) for x in (straight / "hooks.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["hook"]) for h in sampled] == [(5, "sample")]
+    assert sampled[0]["sample/num_structures"] == 2 and 0 <= sampled[0]["sample/novel_rate"] <= 1
 
     info = json.loads((straight / "run.json").read_text())
     assert info["manifest_hash"] == manifest_hash(perov_shards)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from xtalgen.train.distributed import init_distributed
 from xtalgen.train.trainer import Trainer
 
 log = logging.getLogger("xtalgen.train")
+
+# Novelty of periodic samples is judged against at most this many training structures: enough
+# for a trend during training; `xtalgen evaluate` does the full comparison.
+REFERENCE_LIMIT = 50_000
 
 
 def build_trainer(cfg: Config) -> Trainer:
@@ -43,10 +48,11 @@ def attach_periodic_sampling(trainer: Trainer, cfg: Config) -> None:
     """Every `train.sample_every` steps, sample with the EMA weights and log the SUN-style metrics."""
     from xtalgen.sampling.periodic import make_periodic_sampler
 
-    sampler = make_periodic_sampler(cfg, reference=None, stats=trainer.stats)
     # Under ZeRO-3 every rank holds a slice of the weights, so all ranks run the (identically seeded)
     # sampler together; otherwise rank 0 samples alone.
     everyone = cfg.train.zero_stage == 3
+    reference = training_reference(cfg) if everyone or trainer.is_main else None
+    sampler = make_periodic_sampler(cfg, reference=reference, stats=trainer.stats)
 
     def periodic_sampling(trainer: Trainer, step: int) -> dict | None:
         if not (everyone or trainer.is_main):
@@ -56,3 +62,11 @@ def attach_periodic_sampling(trainer: Trainer, cfg: Config) -> None:
         return metrics if trainer.is_main else None
 
     trainer.add_periodic_hook(cfg.train.sample_every, periodic_sampling, name="sample")
+
+
+def training_reference(cfg: Config, limit: int = REFERENCE_LIMIT) -> list:
+    """Training records that periodic samples are checked against for novelty (the first `limit`)."""
+    from xtalgen.sharding.reader import open_shards
+
+    shards = open_shards(cfg.data.shards)
+    return list(itertools.islice(shards.iter_records(cfg.data.train_split), limit))
