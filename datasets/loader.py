@@ -21,13 +21,13 @@ atom counts, so it is computed up front in the main process, without reading any
   Batches are formed greedily in that order; each batch is one item of a torch `Dataset` that
   DataLoader workers fetch by random access.
 * WebDataset (iterable): tar shards are permuted per epoch and dealt to the world_size *
-  num_workers streams, (rank, worker) -> stream rank * workers + worker; each stream reads its
-  shards sequentially and shuffles within consecutive windows of `shuffle_buffer` records (a block
+  num_workers streams, (rank, worker) -> stream rank * workers + worker (with fewer shards than
+  streams, shards are cut into contiguous pieces first); each stream reads its shards sequentially and shuffles within consecutive windows of `shuffle_buffer` records (a block
   shuffle: same memory as a shuffle buffer, and the order is a pure function of the seed, so a
   resumed stream can skip whole shards without reading them). All streams of a rank are padded
   with empty items to the same length, so DataLoader's round-robin over workers gives one
   well-defined batch order; the padding is dropped here and never reaches the caller.
-  Balance needs at least world_size * workers shards; records of a shard all go to one stream.
+  Streams differ by at most one shard (or piece) of records: many shards per stream balance best.
 
 Every record of the split (or subset) is read exactly once per epoch by exactly one (rank,
 worker); nothing is duplicated to even out ranks, so ranks may yield different numbers of batches
@@ -274,12 +274,15 @@ def _read_from(root: Path, plan: StreamPlan, start: int) -> Iterator[tuple[int, 
             start -= len(wanted)
             continue
         keep = set(wanted[start:].tolist()) if len(wanted) != entry["num_records"] or start else None
+        last = int(wanted[-1])
         start = 0
         records = iter_tar_shard(root / entry["file"], entry["file"], entry["first_index"],
                                  entry["num_records"], entry["sha256"])
         for index, value in records:
             if keep is None or index in keep:
                 yield index, value, entry["file"]
+            if index == last and last != entry["first_index"] + entry["num_records"] - 1:
+                break  # a piece of the shard: the rest belongs to another stream
 
 
 # --- the loader --------------------------------------------------------------------------------------
@@ -416,26 +419,33 @@ class CrystalLoader:
         return mine, pack_batches(self._num_atoms[mine], self.batch_size, self.max_atoms, self.drop_last)
 
     def _plan_wds(self) -> list[StreamPlan]:
-        shards = self.shards.shards(self.split)
-        wanted = [self._shard_indices(e) for e in shards]
-        order = [i for i in range(len(shards)) if len(wanted[i])]
+        workers = max(self.num_workers, 1)
+        streams = self.world_size * workers
+        pieces = self._pieces(streams)  # (manifest entry, record indices) to deal out
+        order = list(range(len(pieces)))
         if self.shuffle:
             order = self._rng().permutation(order).tolist()
-        workers = max(self.num_workers, 1)
         plans = []
         for worker in range(workers):
             stream = self.rank * workers + worker
-            mine = order[stream :: self.world_size * workers]
-            read_order = np.concatenate([wanted[i] for i in mine]) if mine else np.zeros(0, np.int64)
+            mine = [pieces[i] for i in order[stream::streams]]
+            read_order = np.concatenate([ix for _, ix in mine]) if mine else np.zeros(0, np.int64)
             batch_order = read_order
             if self.shuffle and len(read_order):
                 # Block shuffle: sort by (window, random key) permutes within each window.
                 window_of = np.arange(len(read_order)) // self.window
                 batch_order = read_order[np.lexsort((self._rng(stream, 1).random(len(read_order)), window_of))]
             bounds = pack_batches(self._num_atoms[batch_order], self.batch_size, self.max_atoms, self.drop_last)
-            plans.append(StreamPlan([shards[i] for i in mine], [wanted[i] for i in mine], read_order,
-                                    batch_order, bounds))
+            plans.append(StreamPlan([e for e, _ in mine], [ix for _, ix in mine], read_order, batch_order, bounds))
         return plans
+
+    def _pieces(self, streams: int) -> list[tuple[dict, np.ndarray]]:
+        """Units dealt to streams: whole shards when there are at least as many shards as streams;
+        otherwise each shard is cut into contiguous pieces so that no rank or worker sits idle
+        (a piece's reader skips the tar's earlier records without decoding them)."""
+        shards = [(e, ix) for e in self.shards.shards(self.split) if len(ix := self._shard_indices(e))]
+        cuts = -(-streams // len(shards)) if shards else 1
+        return [(e, part) for e, ix in shards for part in np.array_split(ix, min(cuts, len(ix)))]
 
     def _shard_indices(self, entry: dict) -> np.ndarray:
         lo, hi = entry["first_index"], entry["first_index"] + entry["num_records"]

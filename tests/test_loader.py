@@ -133,6 +133,24 @@ def test_webdataset_two_ranks_two_workers_cover_every_record_once(wds_dir, recor
     assert Counter(seen) == Counter(r.id for r in records)
 
 
+def test_fewer_shards_than_streams_still_feed_every_rank_and_worker(records, tmp_path):
+    root = build(tmp_path, records, "webdataset", records_per_shard=300)  # 2 shards, 4 streams
+    options = dict(batch_size=9, shuffle_buffer=50, seed=4, num_workers=2, world_size=2)
+    seen = []
+    for rank in range(2):
+        loader = CrystalLoader(root, rank=rank, **options)
+        assert all(p.num_batches > 0 for p in loader._plan())  # no idle worker
+        seen += ids_of(loader)
+    assert Counter(seen) == Counter(r.id for r in records)
+    reference = list(CrystalLoader(root, rank=1, **options))
+    interrupted = CrystalLoader(root, rank=1, **options)
+    stream = iter(interrupted)
+    head = [next(stream) for _ in range(7)]
+    resumed = CrystalLoader(root, rank=1, **options)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert all(batches_equal(a, b) for a, b in zip(head + list(resumed), reference, strict=True))
+
+
 @pytest.mark.parametrize("fmt_dir", ["lmdb_dir", "wds_dir"])
 def test_seeded_shuffle_is_reproducible_and_changes_with_epoch(fmt_dir, request):
     root = request.getfixturevalue(fmt_dir)
