@@ -22,7 +22,8 @@ atom counts, so it is computed up front in the main process, without reading any
   DataLoader workers fetch by random access.
 * WebDataset (iterable): tar shards are permuted per epoch and dealt to the world_size *
   num_workers streams, (rank, worker) -> stream rank * workers + worker (with fewer shards than
-  streams, shards are cut into contiguous pieces first); each stream reads its shards sequentially and shuffles within consecutive windows of `shuffle_buffer` records (a block
+  streams, shards are cut into contiguous pieces first); each stream reads its shards
+  sequentially and shuffles within consecutive windows of `shuffle_buffer` records (a block
   shuffle: same memory as a shuffle buffer, and the order is a pure function of the seed, so a
   resumed stream can skip whole shards without reading them). All streams of a rank are padded
   with empty items to the same length, so DataLoader's round-robin over workers gives one
