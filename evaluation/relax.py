@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing as mp
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -55,6 +54,26 @@ class RelaxResult:
         )
 
 
+@contextlib.contextmanager
+def cpu_threads(torch_threads: int = 1) -> Iterator[None]:
+    """Limit torch's and BLAS's threads while a potential runs, then restore them.
+
+    The graphs are small (tens of atoms) and the cell filter's matrix functions are 6x6: threads
+    only add synchronisation, and on a busy machine OpenBLAS's spinning threads made each
+    relaxation step ~6x slower (measured). Parallelism comes from processes instead (`relax_many`).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class Potential:
     """Interface of an interatomic potential used by the evaluator."""
 
@@ -88,20 +107,22 @@ class CHGNetPotential(Potential):
 
     name = "chgnet"
 
-    def __init__(self, device: str = "cpu", batch_size: int = 4):
+    def __init__(self, device: str = "cpu", batch_size: int = 4, threads: int = 1):
         from chgnet.model import CHGNet, StructOptimizer
 
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its banner on load
             self.model = CHGNet.load(verbose=False, use_device=device)
             self.optimizer = StructOptimizer(model=self.model, use_device=device)
         self.batch_size = batch_size
+        self.threads = threads
 
     def energies_per_atom(self, structures: Sequence[Structure]) -> list[float]:
         if not structures:
             return []
-        predictions = self.model.predict_structure(
-            list(structures), task="e", batch_size=self.batch_size, return_site_energies=False
-        )
+        with cpu_threads(self.threads):
+            predictions = self.model.predict_structure(
+                list(structures), task="e", batch_size=self.batch_size, return_site_energies=False
+            )
         if isinstance(predictions, dict):  # one structure → one dict
             predictions = [predictions]
         return [float(p["e"]) for p in predictions]
@@ -109,9 +130,10 @@ class CHGNetPotential(Potential):
     def relax(
         self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
     ) -> RelaxResult:
-        output = self.optimizer.relax(
-            structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
-        )
+        with cpu_threads(self.threads):
+            output = self.optimizer.relax(
+                structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
+            )
         relaxed: Structure = output["final_structure"]
         trajectory = output["trajectory"]
         n_atoms = len(structure)
@@ -132,9 +154,10 @@ class CHGNetPotential(Potential):
 class ASECalculatorPotential(Potential):
     """Any ASE calculator, relaxed with ASE's FIRE on a FrechetCellFilter (cell + positions)."""
 
-    def __init__(self, calculator, name: str = "ase"):
+    def __init__(self, calculator, name: str = "ase", threads: int = 1):
         self.calculator = calculator
         self.name = name
+        self.threads = threads
 
     def _atoms(self, structure: Structure):
         from pymatgen.io.ase import AseAtomsAdaptor
@@ -144,7 +167,8 @@ class ASECalculatorPotential(Potential):
         return atoms
 
     def energies_per_atom(self, structures: Sequence[Structure]) -> list[float]:
-        return [float(self._atoms(s).get_potential_energy()) / len(s) for s in structures]
+        with cpu_threads(self.threads):
+            return [float(self._atoms(s).get_potential_energy()) / len(s) for s in structures]
 
     def relax(
         self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
@@ -155,9 +179,10 @@ class ASECalculatorPotential(Potential):
 
         atoms = self._atoms(structure)
         n_atoms = len(structure)
-        initial_energy = float(atoms.get_potential_energy()) / n_atoms
-        optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
-        converged = bool(optimizer.run(fmax=fmax, steps=steps))
+        with cpu_threads(self.threads):
+            initial_energy = float(atoms.get_potential_energy()) / n_atoms
+            optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
+            converged = bool(optimizer.run(fmax=fmax, steps=steps))
         relaxed = AseAtomsAdaptor.get_structure(atoms)
         with contextlib.suppress(Exception):  # not every calculator computes magnetic moments
             relaxed.add_site_property("magmom", [float(m) for m in atoms.get_magnetic_moments()])
@@ -172,16 +197,17 @@ class ASECalculatorPotential(Potential):
         )
 
 
-def _mace_factory(device: str = "cpu", **_) -> Potential:
+def _mace_factory(device: str = "cpu", threads: int = 1, **_) -> Potential:
     from mace.calculators import mace_mp
 
-    return ASECalculatorPotential(mace_mp(model="medium", device=device, default_dtype="float64"), "mace")
+    calculator = mace_mp(model="medium", device=device, default_dtype="float64")
+    return ASECalculatorPotential(calculator, "mace", threads)
 
 
-def _mattersim_factory(device: str = "cpu", **_) -> Potential:
+def _mattersim_factory(device: str = "cpu", threads: int = 1, **_) -> Potential:
     from mattersim.forcefield import MatterSimCalculator
 
-    return ASECalculatorPotential(MatterSimCalculator(device=device), "mattersim")
+    return ASECalculatorPotential(MatterSimCalculator(device=device), "mattersim", threads)
 
 
 POTENTIALS: dict[str, Callable[..., Potential]] = {
@@ -210,11 +236,8 @@ _WORKER_POTENTIAL: Potential | None = None
 
 
 def _init_worker(name: str, threads: int) -> None:
-    import torch
-
     global _WORKER_POTENTIAL
-    torch.set_num_threads(threads)
-    _WORKER_POTENTIAL = load_potential(name)
+    _WORKER_POTENTIAL = load_potential(name, threads=threads)
 
 
 def _relax_task(task: tuple[int, dict, float, int]) -> tuple[int, dict | None, str]:
@@ -237,7 +260,7 @@ def relax_many(
     """Relax (index, structure) pairs; yield (index, result or None, error) in completion order.
 
     With `workers > 1` a pool of spawned processes each loads the potential once (by name) and
-    uses `cpu_count // workers` threads, so the cores are shared rather than oversubscribed.
+    runs single-threaded (see `cpu_threads`): one process per core is the fast layout.
     """
     if workers <= 1 or len(structures) <= 1:
         model = load_potential(potential) if isinstance(potential, str) else potential
@@ -249,9 +272,8 @@ def relax_many(
         return
     if not isinstance(potential, str):
         raise ValueError("parallel relaxation needs the potential by registry name")
-    threads = max(1, (os.cpu_count() or 1) // workers)
     tasks = [(i, s.as_dict(), fmax, steps) for i, s in structures]
     context = mp.get_context("spawn")  # fork after torch threads start can deadlock
-    with context.Pool(workers, initializer=_init_worker, initargs=(potential, threads)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(potential, 1)) as pool:
         for index, payload, error in pool.imap_unordered(_relax_task, tasks, chunksize=1):
             yield index, (RelaxResult.from_json(payload) if payload is not None else None), error
