@@ -95,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
     world_size = args.world_size if args.world_size is not None else world_size
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model, model_cfg, stats = load_model(checkpoint, map_location="cpu")
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        model, model_cfg, stats = load_model(checkpoint, map_location="cpu")
+    except (FileNotFoundError, ValueError) as exc:  # a wrong path or not a model file: say so, no traceback
+        raise ConfigError(str(exc)) from None
     summary = sample_to_directory(
         model, model_cfg, stats, cfg, args.out,
         checkpoint=str(checkpoint.resolve()),
@@ -136,8 +139,13 @@ def _sample_config(args: argparse.Namespace):
 
 def _merge_only(out_dir: Path) -> int:
     from xtalgen.sampling.writer import merge_parts
+    from xtalgen.schema import ConfigError
 
-    return _report_merge(merge_parts(out_dir))
+    try:
+        report = merge_parts(out_dir)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    return _report_merge(report)
 
 
 def _report_merge(report) -> int:

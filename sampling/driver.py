@@ -192,8 +192,13 @@ def sample_to_directory(
 def wait_for_all_batches(out_dir: Path, plan: SamplingPlan, timeout_s: float, poll_s: float) -> bool:
     """Poll the parts until every batch is committed (other ranks finishing) or the timeout passes."""
     deadline = time.monotonic() + timeout_s
-    while len(committed_batches(out_dir, plan)) < plan.num_batches:
+    announced = False
+    while (done := len(committed_batches(out_dir, plan))) < plan.num_batches:
         if time.monotonic() >= deadline:
             return False
+        if not announced:
+            print(f"rank 0: {done}/{plan.num_batches} batches committed; waiting up to {timeout_s:.0f} s "
+                  "for the other ranks before merging", file=sys.stderr)
+            announced = True
         time.sleep(poll_s)
     return True

@@ -35,6 +35,7 @@ EXTXYZ_NAME = "samples.extxyz"
 REQUEST_NAME = "request.json"
 CIF_DIR = "cifs"
 _PART_RE = re.compile(r"^samples\.rank(\d+)\.jsonl$")
+_ID_RE = re.compile(rb"(?:^|\s)id=([A-Za-z0-9_.-]+)(?=\s|$)")
 
 
 # --- paths ------------------------------------------------------------------------------------
@@ -124,20 +125,30 @@ def committed_batches(out_dir: Path, plan: SamplingPlan) -> set[int]:
     return done
 
 
-def iter_extxyz_frames(path: Path) -> Iterator[tuple[str, str]]:
-    """(id, raw frame text) for each complete frame; stops at a frame cut short by a kill.
+@dataclass(frozen=True)
+class Frame:
+    """Where one complete extxyz frame lies in a file (frames are copied as bytes, never re-parsed)."""
 
-    Frames are split as text (count line, comment line, count atom lines) so that parts are merged
-    byte for byte and fast; only the comment line is parsed, with ase's own key=value parser.
+    id: str
+    path: Path
+    offset: int
+    length: int
+
+
+def iter_extxyz_frames(path: Path) -> Iterator[Frame]:
+    """Every complete frame of an extxyz file; stops at a frame cut short by a kill.
+
+    Frames are split as text (count line, comment line, count atom lines) and located by byte
+    offset, so parts are merged byte for byte in bounded memory; only the comment line is parsed,
+    for its id.
     """
-    from ase.io.extxyz import key_val_str_to_dict
-
     try:
-        handle = path.open()
+        handle = path.open("rb")
     except FileNotFoundError:
         return
     with handle:
         while True:
+            offset = handle.tell()
             count_line = handle.readline()
             if not count_line:
                 return
@@ -145,15 +156,47 @@ def iter_extxyz_frames(path: Path) -> Iterator[tuple[str, str]]:
                 count = int(count_line.strip())
             except ValueError:
                 return  # not a frame start: a torn write
-            lines = [count_line]
-            for _ in range(count + 1):
-                line = handle.readline()
-                if not line.endswith("\n"):
+            comment = handle.readline()
+            if not comment.endswith(b"\n"):
+                return
+            for _ in range(count):
+                if not handle.readline().endswith(b"\n"):
                     return
-                lines.append(line)
-            info = key_val_str_to_dict(lines[1])
-            if "id" in info:
-                yield str(info["id"]), "".join(lines)
+            sample_id = _frame_id(comment)
+            if sample_id is not None:
+                yield Frame(sample_id, path, offset, handle.tell() - offset)
+
+
+def _frame_id(comment: bytes) -> str | None:
+    """The `id` of an extxyz comment line. Our ids (`sample-000012`) are written unquoted, so a regex
+    finds them ~20x faster than ase's general key=value parser, which stays the fallback."""
+    match = _ID_RE.search(comment)
+    if match:
+        return match.group(1).decode()
+    from ase.io.extxyz import key_val_str_to_dict
+
+    info = key_val_str_to_dict(comment.decode())
+    return str(info["id"]) if "id" in info else None
+
+
+def copy_frames(frames: Iterable[Frame], out: Path) -> None:
+    """Write the given frames, in order, atomically into `out` (streamed; sources kept open)."""
+    handles: dict[Path, object] = {}
+    tmp = _tmp_path(out)
+    try:
+        with tmp.open("wb") as sink:
+            for frame in frames:
+                if frame.path not in handles:
+                    handles[frame.path] = frame.path.open("rb")
+                source = handles[frame.path]
+                source.seek(frame.offset)
+                sink.write(source.read(frame.length))
+            sink.flush()
+            os.fsync(sink.fileno())
+    finally:
+        for handle in handles.values():
+            handle.close()
+    os.replace(tmp, out)
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -184,14 +227,15 @@ class PartWriter:
             _atomic_write_text(self.jsonl_path, "".join(lines))
         keep = {json.loads(line)["id"] for line in lines}
         if self.extxyz_path.exists():
-            frames = list(iter_extxyz_frames(self.extxyz_path))
-            kept, seen = [], set()
-            for sample_id, text in frames:
-                if sample_id in keep and sample_id not in seen:
-                    seen.add(sample_id)
-                    kept.append(text)
-            if len(kept) != len(frames) or self.extxyz_path.stat().st_size != sum(map(len, kept)):
-                _atomic_write_text(self.extxyz_path, "".join(kept))
+            kept, seen, total = [], set(), 0
+            for frame in iter_extxyz_frames(self.extxyz_path):
+                total += 1
+                if frame.id in keep and frame.id not in seen:
+                    seen.add(frame.id)
+                    kept.append(frame)
+            clean = len(kept) == total and self.extxyz_path.stat().st_size == sum(f.length for f in kept)
+            if not clean:
+                copy_frames(kept, self.extxyz_path)
         return set(done)
 
     def write_batch(self, rows: Sequence[dict], structures: Sequence) -> None:
@@ -241,10 +285,14 @@ def _append_durably(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
+def _tmp_path(path: Path) -> Path:
+    # Host and pid in the name: ranks on several nodes may share the directory (and a pid).
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def _atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     """Write to a private temporary file, then rename over `path`: readers never see half a file."""
-    # Host and pid in the name: ranks on several nodes may share the directory (and a pid).
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = _tmp_path(path)
     with tmp.open("w") as handle:
         handle.write(text)
         if durable:
@@ -301,11 +349,11 @@ def _merge_locked(out_dir: Path, plan: SamplingPlan) -> MergeReport:
         for batch, lines in committed_lines(jsonl, plan).items():
             lines_by_batch.setdefault(batch, lines)
     wanted = {plan.sample_id(i) for b in lines_by_batch for i in plan.batch_indices(b)}
-    frames: dict[str, str] = {}
+    frames: dict[str, Frame] = {}
     for _, extxyz in sources:
-        for sample_id, text in iter_extxyz_frames(extxyz):
-            if sample_id in wanted:
-                frames.setdefault(sample_id, text)
+        for frame in iter_extxyz_frames(extxyz):
+            if frame.id in wanted:
+                frames.setdefault(frame.id, frame)
     missing_frames = sorted(wanted - set(frames))
     if missing_frames:
         raise RuntimeError(
@@ -313,11 +361,9 @@ def _merge_locked(out_dir: Path, plan: SamplingPlan) -> MergeReport:
             f"(first: {missing_frames[0]}); the output directory was altered"
         )
     batches = sorted(lines_by_batch)
-    jsonl_text = "".join(line for b in batches for line in lines_by_batch[b])
-    extxyz_text = "".join(frames[sid] for b in batches for sid in plan.batch_ids(b))
     # Frames before lines, as in a batch write: a crash in between leaves a consistent state.
-    _atomic_write_text(out_dir / EXTXYZ_NAME, extxyz_text)
-    _atomic_write_text(out_dir / JSONL_NAME, jsonl_text)
+    copy_frames((frames[sid] for b in batches for sid in plan.batch_ids(b)), out_dir / EXTXYZ_NAME)
+    _atomic_write_text(out_dir / JSONL_NAME, "".join(line for b in batches for line in lines_by_batch[b]))
     missing = sorted(set(range(plan.num_batches)) - set(batches))
     if not missing:
         for jsonl, extxyz in rank_parts(out_dir):

@@ -175,6 +175,11 @@ def test_sample_overrides_and_help(model_file, tmp_path, capsys):
     assert request["coord_snr"] == 0.3 and request["corrector_steps"] == 0
     assert main(["sample", str(model_file), "--out", str(out), "sample.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    assert main(["sample", str(tmp_path), "--out", str(out)]) == 2  # a directory without model.pt
+    assert "xtalgen train consolidate" in capsys.readouterr().err
+    assert main(["sample", "--merge", str(tmp_path)]) == 2
+    assert "not a sampling output directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "xtalgen sample model.pt --out samples" in capsys.readouterr().out

@@ -225,7 +225,7 @@ def test_incomplete_merge_keeps_parts_and_names_missing_batches(tmp_path, perov_
     report = merge_parts(tmp_path, plan)
     assert not report.complete and report.missing_batches == [3, 5]
     assert (tmp_path / "samples.rank1.jsonl").exists()
-    ids = [sid for sid, _ in iter_extxyz_frames(tmp_path / "samples.extxyz")]
+    ids = [frame.id for frame in iter_extxyz_frames(tmp_path / "samples.extxyz")]
     assert ids == [r["id"] for r in read_samples(tmp_path)]
     assert ids == [plan.sample_id(i) for b in (0, 1, 2, 4) for i in plan.batch_indices(b)]
     # the lost rank comes back and finishes; the next merge is complete and ordered
@@ -251,7 +251,7 @@ def test_degenerate_lattices_are_recorded_not_fatal(tmp_path):
     plan = SamplingPlan(3, 3)
     PartWriter(tmp_path, plan).write_batch(_rows(plan, 0, structures), structures)
     assert merge_parts(tmp_path, plan).complete
-    assert [sid for sid, _ in iter_extxyz_frames(tmp_path / "samples.extxyz")] == plan.batch_ids(0)
+    assert [frame.id for frame in iter_extxyz_frames(tmp_path / "samples.extxyz")] == plan.batch_ids(0)
     good = ase_read(tmp_path / "samples.extxyz", index=2)
     np.testing.assert_allclose(good.get_scaled_positions(wrap=False), frac[4:], atol=1e-7)
 
@@ -275,3 +275,17 @@ def test_checkpoint_is_a_model_file_or_a_run_directory(tmp_path, capsys):
     assert "older than checkpoint step_20" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint(tmp_path / "nope.pt")
+
+
+def test_frame_ids_fast_path_and_ase_fallback(tmp_path):
+    path = tmp_path / "f.extxyz"
+    path.write_text(
+        '1\nLattice="2 0 0 0 2 0 0 0 2" Properties=species:S:1:pos:R:3 id=sample-000007 pbc="T T T"\nH 0 0 0\n'
+        '1\nProperties=species:S:1:pos:R:3 grid_id=3 id="two words" pbc="T T T"\nH 0 0 0\n'
+        '1\nProperties=species:S:1:pos:R:3 pbc="T T T"\nH 0 0 0\n'  # no id: skipped
+        '2\nid=cut-short\nH 0 0 0\n'  # a frame torn by a kill: iteration stops
+    )
+    frames = list(iter_extxyz_frames(path))
+    assert [f.id for f in frames] == ["sample-000007", "two words"]
+    raw = path.read_bytes()
+    assert raw[frames[1].offset:frames[1].offset + frames[1].length].startswith(b"1\nProperties")
