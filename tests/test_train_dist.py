@@ -67,9 +67,13 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_two_ranks_zero3_trains_and_consolidates(perov_val, tmp_path):
     run_dir = tmp_path / "z3"
-    run_toy(perov_val, run_dir, 2, "train.zero_stage=3", "train.max_steps=8", "train.ema_decay=0.0")
+    run_toy(perov_val, run_dir, 2, "train.zero_stage=3", "train.max_steps=8", "train.ema_decay=0.0",
+            "train.debug_inject_nan_step=3")
     curve = losses(run_dir)
     assert len(curve) == 8 and sum(curve[-3:]) < sum(curve[:3])
+    # rank 0's NaN at step 3 made both ranks skip that batch (a forward with no backward under ZeRO-3)
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"], e["rank"]) for e in events] == [("nonfinite_loss", 3, 0)]
     checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert ckpt.saved_world_size(checkpoint) == 2
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
@@ -80,7 +84,7 @@ def test_two_ranks_zero3_trains_and_consolidates(perov_val, tmp_path):
     for name in raw:
         torch.testing.assert_close(ema[name], raw[name], rtol=0, atol=0, msg=name)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert summary["world_size"] == 2 and summary["status"] == "completed" and summary["nonfinite_skips"] == 1
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(perov_val, tmp_path):
