@@ -199,6 +199,16 @@ def test_resume_from_state_dict_continues_the_same_batches(fmt_dir, workers, req
 
 
 @pytest.mark.parametrize("fmt_dir", ["lmdb_dir", "wds_dir"])
+def test_drop_last_drops_only_each_streams_short_final_batch(fmt_dir, request, records):
+    root = request.getfixturevalue(fmt_dir)
+    kept = list(CrystalLoader(root, batch_size=16, drop_last=True, seed=2, shuffle_buffer=40))
+    full = list(CrystalLoader(root, batch_size=16, seed=2, shuffle_buffer=40))
+    assert all(b.num_structures == 16 for b in kept)
+    assert all(batches_equal(a, b) for a, b in zip(kept, full))
+    assert len(full) == len(kept) + (len(records) % 16 != 0)
+
+
+@pytest.mark.parametrize("fmt_dir", ["lmdb_dir", "wds_dir"])
 def test_subset_loader_reads_exactly_the_subset(fmt_dir, request, records):
     root = request.getfixturevalue(fmt_dir)
     make_subset(root, "gap", max_n=100)

@@ -180,6 +180,16 @@ def test_missing_shard_is_named(fmt, records, tmp_path):
         list(open_shards(tmp_path).iter_records("val"))
 
 
+def test_altered_atom_count_index_is_named(records, tmp_path):
+    write_set(tmp_path, records, "lmdb")
+    index = tmp_path / "index" / "train.num_atoms.npy"
+    data = bytearray(index.read_bytes())
+    data[-1] ^= 0x01
+    index.write_bytes(bytes(data))
+    report = verify_shards(tmp_path)
+    assert report.broken_shards == ["index/train.num_atoms.npy"]
+
+
 def test_unfinished_build_does_not_look_complete_and_rebuild_replaces_it(records, tmp_path):
     write_set(tmp_path, records, "webdataset", records_per_shard=16)
     old_shards = {e["file"] for e in open_shards(tmp_path).shards("train")}
