@@ -49,6 +49,7 @@ FORMATS = ("lmdb", "webdataset")
 FORMAT_DIRS = {"lmdb": "lmdb", "webdataset": "wds"}
 INDEX_DIR = "index"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+MAX_ATOMS_PER_RECORD = 65535  # the atom-count index is uint16
 
 
 def num_atoms_index_name(split: str) -> str:
@@ -81,6 +82,9 @@ class ShardSetWriter:
         """Append `record` to `split`; its index there is the number of records added before it."""
         if self._finalized:
             raise RuntimeError("ShardSetWriter.add after finalize")
+        if record.num_atoms > MAX_ATOMS_PER_RECORD:
+            raise ValueError(f"record {record.id!r}: {record.num_atoms} atoms; shards hold at most "
+                             f"{MAX_ATOMS_PER_RECORD} per structure")
         writer = self._writers.get(split) or self._open_split(split)
         writer.add(seal(encode_record(record)))
         self._stats[split].add(record)
