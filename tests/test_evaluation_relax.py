@@ -1,0 +1,101 @@
+"""Evaluation with real CHGNet relaxations (kept small: few structures, capped optimizer steps).
+
+The default test relaxes one Perov-5 structure twice (as generated and as reference); the slow ones
+build the elemental references from prototypes, use a process pool, and kill -9 a running
+`xtalgen evaluate` to check that the rerun neither loses nor repeats work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from xtalgen.evaluation import evaluate_structures
+from xtalgen.schema import EvaluateConfig
+
+
+def _perov(csv_path, rows: list[int]) -> list[Structure]:
+    frame = pd.read_csv(csv_path, nrows=max(rows) + 1)
+    return [Structure.from_str(frame["cif"][i], fmt="cif") for i in rows]
+
+
+@pytest.fixture(scope="module")
+def mp_elemental(shared_data) -> str:
+    return str(shared_data / "mp_reference" / "mp_elemental_reference_entries.json.gz")
+
+
+def test_relaxed_structure_against_itself_is_on_hull_and_not_novel(perov_val, mp_elemental, tmp_path):
+    structures = _perov(perov_val, [1])  # VIrO3: negative formation energy with CHGNet
+    cfg = EvaluateConfig(cache_dir=str(tmp_path), elemental_reference=mp_elemental, relax_steps=20)
+    rows, summary = evaluate_structures(structures, reference=structures, relax=True, cfg=cfg)
+    row = rows[0]
+    assert row["relaxed"] and row["valid"]
+    assert row["energy_per_atom"] <= row["initial_energy_per_atom"]  # relaxing lowers the energy
+    assert 0 < row["relax_steps"] <= 20 and row["relax_converged"] == (row["relax_steps"] < 20)
+    assert 0.0 <= row["rmsd"] < 1.0
+    # The reference went through the same deterministic relaxation: identical energy, so this
+    # structure is the only compound of its system and sits exactly on the hull.
+    assert row["formation_energy_per_atom"] < 0
+    assert row["e_above_hull"] == pytest.approx(0.0, abs=1e-5)
+    assert row["stable"] and row["on_or_below_hull"] and not row["novel"] and not row["sun"]
+    assert summary["novel_rate"] == 0.0 and summary["stable_rate"] == 1.0
+
+
+@pytest.mark.slow
+def test_builtin_elemental_references_give_nacl_formation_energy(tmp_path):
+    """Na and Cl references from relaxed prototypes (Cl: the Cl2 molecule); rock-salt NaCl then has
+    a formation energy near the experimental -2.1 eV/atom."""
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    nacl = nacl.get_primitive_structure()
+    cfg = EvaluateConfig(cache_dir=str(tmp_path), relax_steps=150)
+    rows, _ = evaluate_structures([nacl], relax=True, cfg=cfg)
+    assert -2.6 < rows[0]["formation_energy_per_atom"] < -1.6
+    assert rows[0]["e_above_hull"] < 0  # below the elemental-only hull
+    cache = json.loads((tmp_path / "elemental" / "chgnet.json").read_text())
+    assert set(cache) == {"Na", "Cl"} and cache["Cl"]["prototype"] == "dimer"
+
+
+@pytest.mark.slow
+def test_process_pool_matches_serial(perov_val, mp_elemental, tmp_path):
+    structures = _perov(perov_val, [1, 3, 5])
+    base = dict(cache_dir=str(tmp_path), elemental_reference=mp_elemental, relax_steps=10)
+    serial, _ = evaluate_structures(structures, relax=True, cfg=EvaluateConfig(**base, workers=1))
+    pooled, _ = evaluate_structures(structures, relax=True, cfg=EvaluateConfig(**base, workers=2))
+    for a, b in zip(serial, pooled):
+        assert a["energy_per_atom"] == pytest.approx(b["energy_per_atom"], abs=1e-5)
+        assert a["relax_steps"] == b["relax_steps"]
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_without_loss_or_duplicates(perov_val, mp_elemental, tmp_path):
+    cif_dir = tmp_path / "cifs"
+    cif_dir.mkdir()
+    for i, structure in enumerate(_perov(perov_val, [1, 2, 3, 5])):
+        structure.to(filename=str(cif_dir / f"s{i}.cif"))
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "xtalgen.cli", "evaluate", str(cif_dir), "--out", str(out),
+               "--no-plots", "--no-progress", "relax_steps=15", f"cache_dir={tmp_path / 'cache'}",
+               f"elemental_reference={mp_elemental}"]
+    log = out / "per_structure.jsonl"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = log.read_text().splitlines()
+    assert 1 <= len(before) < 4, "the kill should land mid-run"
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = log.read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in after]
+    assert sorted(ids) == ["s0", "s1", "s2", "s3"]  # complete, no duplicates
+    assert after[: len(before)] == before  # finished work was kept, not redone
+    assert len(pd.read_csv(out / "per_structure.csv")) == 4
