@@ -35,6 +35,11 @@ worker); nothing is duplicated to even out ranks, so ranks may yield different n
 (with an atom budget they would anyway): train by steps, not by `len(loader)`. The only records
 not read are those of a final short batch per stream when `drop_last=True`.
 
+Damage is reported as `ShardCorruptionError` naming the shard and key: every value's crc32 is
+checked as it is decoded, tar shards are checked (structure, count, sha256) as they stream, and an
+LMDB split file is checked against its sha256 once when the loader is created
+(`verify_checksums`), because LMDB would crash rather than raise on a damaged page.
+
 Batches hold at most `batch_size` structures and, when `max_atoms_per_batch > 0`, at most that many
 atoms; a structure larger than the budget on its own forms a batch alone (never dropped).
 Collation decodes straight into numpy (one join per field per batch, no per-atom Python).
@@ -55,7 +60,8 @@ from xtalgen.batch import CrystalBatch
 from xtalgen.record import MAX_ATOMIC_NUMBER
 from xtalgen.sharding import ShardCorruptionError, load_subset, open_shards
 from xtalgen.sharding.codec import check, record_key, unpack
-from xtalgen.sharding.manifest import has_value
+from xtalgen.sharding.manifest import file_sha256, has_value
+from xtalgen.sharding.reader import check_file_size
 from xtalgen.sharding.webdataset_format import iter_tar_shard
 
 STATE_VERSION = 1
@@ -306,6 +312,7 @@ class CrystalLoader:
         property_names: Sequence[str] = (),
         drop_last: bool = False,
         prefetch_factor: int = 2,
+        verify_checksums: bool = True,
     ):
         if batch_size < 1 or shuffle_buffer < 1 or max_atoms_per_batch < 0:
             raise ValueError("batch_size and shuffle_buffer must be >= 1, max_atoms_per_batch >= 0")
@@ -320,6 +327,8 @@ class CrystalLoader:
         self.property_names = tuple(property_names)
         self.drop_last = drop_last
         self.subset = None if subset is None else str(subset)
+        if verify_checksums and self.shards.format == "lmdb":
+            self._verify_lmdb_file()
         self._num_atoms = self.shards.num_atoms(split)  # (n,) uint16; the only per-record state
         self._indices = self._subset_indices(subset)  # (m,) int64, or None for the whole split
         self.epoch = 0
@@ -394,6 +403,19 @@ class CrystalLoader:
         if self.shards.format == "webdataset":
             fingerprint.update(shuffle_buffer=self.window, num_workers=max(self.num_workers, 1))
         return fingerprint
+
+    def _verify_lmdb_file(self) -> None:
+        """sha256 of the split's LMDB file against the manifest, once, before anything maps it.
+
+        Per-record crc32 catches altered values, but LMDB trusts its own B-tree pages: an altered
+        page can crash the reading process instead of raising. One sequential read (~1 s per GB,
+        page cache warm afterwards) rules that out. WebDataset shards are checked as they stream.
+        """
+        entry = self.shards.shards(self.split)[0]
+        path = self.shards.path / entry["file"]
+        check_file_size(path, entry)
+        if file_sha256(path) != entry["sha256"]:
+            raise ShardCorruptionError(entry["file"], "sha256 mismatch (file altered); run `xtalgen shard verify`")
 
     def _subset_indices(self, subset) -> np.ndarray | None:
         if subset is None:

@@ -232,8 +232,12 @@ def test_flipped_byte_fails_at_read_naming_shard_and_key(fmt, records, tmp_path)
     data[data.find(value) + 40] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(ShardCorruptionError) as err:
-        list(CrystalLoader(root, batch_size=8, shuffle=False))
+        list(CrystalLoader(root, batch_size=8, shuffle=False, verify_checksums=False))
     assert err.value.shard == entry["file"] and err.value.key == "000000045"
+    if fmt == "lmdb":  # by default the whole file is checked before LMDB maps it
+        with pytest.raises(ShardCorruptionError, match="sha256") as err:
+            CrystalLoader(root, batch_size=8)
+        assert err.value.shard == entry["file"]
 
 
 def test_manifest_stats_and_config(lmdb_dir, records):
