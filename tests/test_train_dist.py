@@ -131,3 +131,33 @@ def test_zero_stages_agree_and_two_rank_resume_is_exact(perov_val, tmp_path):
     run_toy(perov_val, split, 2, "train.zero_stage=2", "train.max_steps=4")
     run_toy(perov_val, split, 2, "train.zero_stage=2", "train.max_steps=6", "train.resume=auto")
     assert losses(split) == curves[2]
+
+
+def _launch_like_slurm(csv: Path, run_dir: Path, *overrides: str) -> None:
+    """Two processes with the environment `srun --ntasks 2` gives its tasks (no torch launcher)."""
+    entry = [sys.executable, "-m", "xtalgen.train.toy", "--csv", str(csv), "--rows", "48", "--hidden", "32",
+             f"train.run_dir={run_dir}", *COMMON, *overrides]
+    job_id = str(free_port())  # the rendezvous port is derived from the job id
+    processes = []
+    for rank in range(2):
+        env = clean_env() | {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+                             "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost"}
+        processes.append(subprocess.Popen(entry, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_and_slurm_environment_match_torchrun(perov_val, tmp_path):
+    overrides = ("train.zero_stage=2", "train.max_steps=4")
+    run_toy(perov_val, tmp_path / "torchrun", 2, *overrides)
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(Path(__file__).resolve().parents[1] / "train" / "toy.py"), "--csv", str(perov_val),
+               "--rows", "48", "--hidden", "32", f"train.run_dir={tmp_path / 'deepspeed'}", *COMMON, *overrides]
+    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _launch_like_slurm(perov_val, tmp_path / "slurm", *overrides)
+    reference = losses(tmp_path / "torchrun")
+    assert losses(tmp_path / "deepspeed") == reference
+    assert losses(tmp_path / "slurm") == reference

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
 
     from xtalgen.schema import load_config

@@ -44,7 +44,7 @@ from xtalgen.train import checkpoint as ckpt
 from xtalgen.train.deepspeed_config import build_deepspeed_config, validate_train_config
 from xtalgen.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from xtalgen.train.ema import ExponentialMovingAverage
-from xtalgen.train.logging import MetricsLogger
+from xtalgen.train.metrics_log import MetricsLogger
 
 log = logging.getLogger("xtalgen.train")
 # DeepSpeed calls torch.distributed functions that torch now marks deprecated, once per step.
