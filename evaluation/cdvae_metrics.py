@@ -18,13 +18,18 @@ MP-20 (0.4, 10).
 
 matminer (the library CDVAE used) declares pandas < 3, which conflicts with this project's pins, so
 the featurizers are implemented here: the structure fingerprint exactly as matminer does it on
-top of pymatgen's CrystalNN and LocalStructOrderParams; the Magpie elemental table is taken from
-matminer when it is importable and otherwise rebuilt from pymatgen's element data (Z, atomic
-mass, melting point, group, row, electronegativity, valence-shell occupations, molar volume; the
-Magpie columns pymatgen lacks - Mendeleev number in Magpie's numbering, covalent radius, and the
-OQMD ground-state band gap, magnetic moment and space group - are NaN and so drop out after
-scaling). The composition scaler is fitted on the test split's fingerprints unless a CDVAE-style
-`{"means": [...], "stds": [...]}` JSON is given, which reproduces published numbers exactly.
+top of pymatgen's CrystalNN and LocalStructOrderParams (bit-identical to matminer 0.10.1 on Perov-5
+and Carbon-24 structures); the Magpie elemental table is taken from matminer when it is importable
+and otherwise rebuilt from pymatgen's element data. Checked against matminer's table for Z <= 94:
+Number, Column, Row and the ten valence / unfilled-shell counts are identical; AtomicWeight,
+MeltingT and Electronegativity differ for a few elements (pymatgen's values); GSvolume_pa is
+approximated by pymatgen's molar volume (close for solids, not for gases); MendeleevNumber (Magpie's
+numbering), CovalentRadius and the OQMD ground-state band gap, magnetic moment and space group are
+NaN and so drop out after scaling.
+
+The composition scaler is fitted on the test split's fingerprints unless a JSON
+`{"means": [...], "stds": [...]}` is given: CDVAE's own scaler (MP-20 training statistics, its
+`CompScalerMeans` / `CompScalerStds`) with matminer installed reproduces CDVAE's definition exactly.
 """
 
 from __future__ import annotations

@@ -268,3 +268,13 @@ def test_fingerprints_known_answers(perov):
     assert np.allclose(single, featurizer.structure(double), atol=1e-8)
     scaled = CompositionScaler([1.0] * 132, [2.0] * 132).transform(np.full((1, 132), np.nan))
     assert np.all(scaled == 0.0)
+
+
+def test_fingerprints_match_matminer_where_installed(perov, carbon_val):
+    """Parity with the library CDVAE used (runs where matminer is importable)."""
+    fingerprint = pytest.importorskip("matminer.featurizers.site.fingerprint")
+    reference = fingerprint.CrystalNNFingerprint.from_preset("ops")
+    ours = CrystalNNFingerprint()
+    for structure in perov[:4] + _structures(carbon_val, 3):
+        expected = np.mean([reference.featurize(structure, i) for i in range(len(structure))], axis=0)
+        assert np.array_equal(ours.structure(structure), expected)
