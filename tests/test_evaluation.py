@@ -226,7 +226,8 @@ def test_cli_writes_table_summary_and_plots(perov, tmp_path):
         structure.to(filename=str(cif_dir / f"s{i}.cif"))
     (cif_dir / "broken.cif").write_text("data_broken\n_cell_length_a 3\n")
     out = tmp_path / "eval"
-    assert main(["evaluate", str(cif_dir), "--out", str(out), "--no-relax", "--no-progress"]) == 0
+    # A dotted override after the options, as people type them.
+    assert main(["evaluate", str(cif_dir), "--out", str(out), "--no-relax", "--no-progress", "symprec=0.01"]) == 0
     table = pd.read_csv(out / "per_structure.csv")
     assert len(table) == 6
     summary = json.loads((out / "summary.json").read_text())

@@ -88,6 +88,7 @@ def test_killed_evaluation_resumes_without_loss_or_duplicates(perov_val, mp_elem
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        assert process.poll() is None, "xtalgen evaluate exited before the kill"
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
