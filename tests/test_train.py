@@ -139,6 +139,7 @@ def _lrs(scheduler: str, losses, **optim) -> list[float]:
     return seen
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # schedules stepped without optimizer steps
 def test_plateau_decays_by_its_factor_after_patience():
     lrs = _lrs("plateau", [1.0] * 8, lr=1e-3, plateau_patience=2, plateau_factor=0.6, min_lr=0.0)
     # step 1 sets the best; steps 2-3 are within patience; step 4, the third without improvement,
@@ -148,6 +149,7 @@ def test_plateau_decays_by_its_factor_after_patience():
     assert lrs[7] == pytest.approx(3.6e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
 def test_cosine_warms_up_then_reaches_min_lr():
     lrs = _lrs("cosine", [1.0] * 11, lr=1e-3, warmup_steps=2, min_lr=1e-5)
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)

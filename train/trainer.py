@@ -220,7 +220,8 @@ class Trainer:
     def _prepare_run_dir(self, resuming: bool) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not resuming and ckpt.list_checkpoints(self.checkpoint_root):
+            # resume=auto with no complete checkpoint (killed during the first save) starts afresh.
+            if not resuming and self.tc.resume in ("", "none") and ckpt.list_checkpoints(self.checkpoint_root):
                 raise ConfigError(
                     f"config key 'train.run_dir': {self.run_dir} already holds checkpoints; "
                     "set train.resume=auto to continue it or choose a new train.run_dir"
