@@ -127,7 +127,7 @@ class MetricsLogger:
                 dir=str(run_dir),
                 config=run_config,
                 mode=self.wandb_mode,
-                settings=wandb.Settings(console="off", x_disable_stats=False),
+                settings=wandb.Settings(console="off"),  # system stats stay on (the default)
             )
         except Exception as exc:  # a broken W&B must never stop training
             log.warning("W&B disabled: could not start a run (%s: %s)", type(exc).__name__, exc)
