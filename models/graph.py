@@ -83,7 +83,10 @@ def radius_graph_pbc(
 
 def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, max_images, max_pairs):
     device = cart.device
-    inv_lattice = torch.linalg.inv(lattice)  # (B, 3, 3); column k is reciprocal vector k (no 2π)
+    inv_lattice, singular = torch.linalg.inv_ex(lattice)  # (B, 3, 3); column k: reciprocal vector k (no 2π)
+    bad = (singular != 0) | ~torch.isfinite(inv_lattice).flatten(1).all(dim=1)  # (B,)
+    if bad.any():
+        raise ValueError(f"singular or non-finite lattice in structures {bad.nonzero().flatten().tolist()}")
     frac = torch.einsum("ni,nij->nj", cart, inv_lattice[batch_index])  # (N, 3)
     cell_of_atom = torch.floor(frac)  # (N, 3) which cell copy each input position sits in
     wrapped = frac - cell_of_atom  # (N, 3) fractional, in [0, 1]
@@ -91,6 +94,9 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
     # Wrapped fractional differences lie in [-1, 1], so a neighbour within the cutoff needs
     # |n_k| <= cutoff * |b_k| + 1 along reciprocal direction b_k.
     recip_norm = inv_lattice.norm(dim=1)  # (B, 3)
+    if not torch.isfinite(frac).all():
+        bad = batch_index[~torch.isfinite(frac).all(dim=1)].unique().tolist()
+        raise ValueError(f"non-finite coordinates in structures {bad}")
     images = (torch.floor(cutoff * recip_norm) + 1).clamp(max=max_images).long()  # (B, 3)
     images_count = (2 * images + 1).prod(dim=1)  # (B,)
     pairs = num_atoms * num_atoms * images_count  # (B,)

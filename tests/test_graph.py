@@ -71,6 +71,20 @@ def test_tiny_skewed_cell_needs_many_images():
     assert self_edges.any() and (graph.cell_offsets[self_edges].abs().sum(dim=1) > 0).all()
 
 
+def test_non_finite_or_singular_cells_are_refused():
+    eye = torch.eye(3, dtype=torch.float64) * 4
+    cart, batch_index, num_atoms = torch.zeros(3, 3, dtype=torch.float64), torch.tensor([0, 1, 2]), torch.ones(3).long()
+    nan_cell = eye.clone()
+    nan_cell[0, 1] = float("nan")
+    flat_cell = eye.clone()
+    flat_cell[2] = flat_cell[0]  # zero volume
+    with pytest.raises(ValueError, match=r"lattice in structures \[1, 2\]"):
+        radius_graph_pbc(cart, torch.stack([eye, nan_cell, flat_cell]), batch_index, num_atoms, CUTOFF, 50)
+    cart[2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"coordinates in structures \[2\]"):
+        radius_graph_pbc(cart, torch.stack([eye, eye, eye]), batch_index, num_atoms, CUTOFF, 50)
+
+
 def test_nearest_k_are_kept_sorted_by_target_then_distance(carbon_val):
     structures = _wrapped(structures_from_csv(carbon_val, 4))
     batch = jitter(flat_batch(structures), 0.01, torch.Generator().manual_seed(0))
