@@ -321,3 +321,16 @@ def test_launcher_environment_from_torchrun_slurm_and_plain_python():
     alone = launcher_environment({})
     assert (alone["RANK"], alone["WORLD_SIZE"], alone["LOCAL_RANK"]) == ("0", "1", "0")
     assert 0 < int(alone["MASTER_PORT"]) < 65536
+
+
+def test_a_failing_wandb_never_stops_training(records, tmp_path, monkeypatch, caplog):
+    import wandb
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "init", unreachable)
+    summary = fit(records, tmp_path / "wb", "train.max_steps=2", "train.wandb.enabled=true")
+    assert summary["status"] == "completed" and len(read_metrics(tmp_path / "wb")) == 2
+    assert "W&B disabled" in caplog.text and "unreachable" in caplog.text
