@@ -161,3 +161,24 @@ def test_deepspeed_launcher_and_slurm_environment_match_torchrun(perov_val, tmp_
     reference = losses(tmp_path / "torchrun")
     assert losses(tmp_path / "deepspeed") == reference
     assert losses(tmp_path / "slurm") == reference
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_reproduces_the_straight_run(perov_val, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    steps = ["train.max_steps=10", "train.checkpoint_every=2"]
+    run_toy(perov_val, straight, 1, *steps)
+    process = subprocess.Popen(toy_command(perov_val, killed, 1, *steps), env=clean_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    process.kill()  # no handler runs: whatever was logged after the last checkpoint is redone
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert ckpt.latest_checkpoint(killed / "checkpoints") is not None
+    run_toy(perov_val, killed, 1, *steps, "train.resume=auto")
+    assert losses(killed) == losses(straight)
