@@ -27,7 +27,7 @@ VENV="${MATTERGEN_VENV:-$ROOT/.venv-mattergen}"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.xtalgen-setup-done"
 # The stamp records what was installed; a changed lock file or shim re-runs the install.
-FINGERPRINT="$(cat "$HERE/requirements.lock" "$HERE/gemnet-dT.json" "$0" | sha256sum | cut -d' ' -f1)"
+FINGERPRINT="$(cat "$HERE/requirements.lock" "$HERE/gemnet-dT.json" "$HERE/check_shims.py" "$0" | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$FINGERPRINT" ]]; then
     echo "MatterGen venv ready: $VENV"
@@ -56,6 +56,7 @@ import torch_scatter, torch_sparse  # noqa: F401,E401  (the stand-ins)
 import mattergen.denoiser, mattergen.diffusion.sampling.classifier_free_guidance  # noqa: F401,E401
 print("imports ok, torch", torch.__version__)
 EOF
+"$VENV/bin/python" "$HERE/check_shims.py"
 
 echo "$FINGERPRINT" > "$STAMP"
 echo "MatterGen venv ready: $VENV"
