@@ -7,6 +7,7 @@ resume of the real data stream and model noise, and consolidation into a loadabl
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -21,6 +22,19 @@ TINY = [
     "train.global_batch_structures=4", "train.micro_batch_structures=4", "train.log_every=1",
     "train.checkpoint_every=2", "train.ema_decay=0.5", "train.wandb.enabled=false",
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_launcher_environment():
+    """In-process training exports RANK/MASTER_PORT/...; later tests' subprocesses must not inherit them."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
