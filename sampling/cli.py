@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -134,7 +135,21 @@ def _sample_config(args: argparse.Namespace):
     cfg.conditions = {**cfg.conditions, **split_assignments(args.condition)}
     cfg.checkpoint = args.checkpoint
     cfg.out = args.out
+    _check_sample_config(cfg)
     return cfg
+
+
+def _check_sample_config(cfg) -> None:
+    from xtalgen.schema import ConfigError
+
+    minimum = {"num_samples": 1, "batch_size": 1, "num_steps": 1, "corrector_steps": 0, "num_atoms": 0}
+    for key, low in minimum.items():
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"config key 'sample.{key}': must be >= {low}, got {getattr(cfg, key)}")
+    for key in ("coord_snr", "lattice_snr", "guidance_scale"):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or (key != "guidance_scale" and value < 0):
+            raise ConfigError(f"config key 'sample.{key}': bad value {value}")
 
 
 def _merge_only(out_dir: Path) -> int:

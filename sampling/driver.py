@@ -9,6 +9,7 @@ torchrun, srun, a Slurm array or by hand with RANK/WORLD_SIZE.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -79,13 +80,26 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def request_record(cfg: SampleConfig, conditions: dict[str, ConditionValue], checkpoint: str) -> dict:
-    """What determines the structures; a resumed run must ask for exactly the same."""
+def request_record(cfg: SampleConfig, conditions: dict[str, ConditionValue], checkpoint: str | Path) -> dict:
+    """What determines the structures; a resumed run must ask for exactly the same.
+
+    The model is identified by the sha256 of its file, not its path: a moved file resumes, a
+    re-consolidated one (other weights, same path) is refused.
+    """
     record = asdict(cfg)
     record.pop("out", None)
-    record["checkpoint"] = checkpoint
+    record["checkpoint"] = str(checkpoint)
+    record["model_sha256"] = file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else ""
     record["conditions"] = conditions
     return record
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: SampleConfig,
@@ -161,7 +175,7 @@ def sample_to_directory(
     device = torch.device(device) if device is not None else default_device()
     conditions = parse_conditions(cfg.conditions, model_cfg.conditions)
     plan = SamplingPlan(cfg.num_samples, cfg.batch_size, cfg.seed)
-    check_or_write_request(out_dir, request_record(cfg, conditions, checkpoint))
+    check_or_write_request(out_dir, request_record(cfg, conditions, checkpoint), informational=("checkpoint",))
 
     writer = PartWriter(out_dir, plan, rank, world_size)
     done = committed_batches(out_dir, plan)

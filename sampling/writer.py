@@ -66,12 +66,16 @@ def cif_path(out_dir: Path, sample_id: str) -> Path:
 
 
 # --- the request ------------------------------------------------------------------------------
-def check_or_write_request(out_dir: Path, request: dict) -> None:
-    """Record the request on first start; on resume refuse one that would make other structures."""
+def check_or_write_request(out_dir: Path, request: dict, informational: Sequence[str] = ()) -> None:
+    """Record the request on first start; on resume refuse one that would make other structures.
+
+    Keys in `informational` are recorded but may differ on resume (e.g. the model file's path).
+    """
     path = out_dir / REQUEST_NAME
     if path.exists():
         previous = json.loads(path.read_text())
-        changed = sorted(k for k in set(previous) | set(request) if previous.get(k) != request.get(k))
+        keys = (set(previous) | set(request)) - set(informational)
+        changed = sorted(k for k in keys if previous.get(k) != request.get(k))
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {request.get(k)!r}" for k in changed)
             raise ConfigError(

@@ -142,10 +142,20 @@ def test_lost_rank_then_explicit_merge(model_file, reference_run, tmp_path, caps
     assert _snapshot(out) == _snapshot(reference_run)
 
 
-def test_resume_with_another_request_is_refused(model_file, reference_run, capsys):
+def test_resume_with_another_request_is_refused(model_file, reference_run, tmp_path, capsys):
+    before = _snapshot(reference_run)
     changed = [*REQUEST, "--steps", "4"]
     assert main(["sample", str(model_file), "--out", str(reference_run), *changed]) == 2
     assert "num_steps: 3 -> 4" in capsys.readouterr().err
+    other_weights = _save(tmp_path / "other.pt", [ConditionConfig("dft_band_gap", "scalar")])
+    assert main(["sample", str(other_weights), "--out", str(reference_run), *REQUEST]) == 2
+    assert "model_sha256" in capsys.readouterr().err
+    moved = tmp_path / "moved.pt"  # the same weights elsewhere: fine
+    moved.write_bytes(model_file.read_bytes())
+    assert main(["sample", str(moved), "--out", str(reference_run), *REQUEST]) == 0
+    assert _snapshot(reference_run) == before
+    assert main(["sample", str(model_file), "--out", str(tmp_path / "x"), "--num-samples", "0"]) == 2
+    assert "sample.num_samples" in capsys.readouterr().err
 
 
 def test_conditions_guidance_and_fixed_atom_count(tmp_path, capsys):

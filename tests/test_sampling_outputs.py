@@ -241,6 +241,7 @@ def test_resume_refuses_a_different_request(tmp_path):
     with pytest.raises(ValueError, match="seed: 0 -> 1"):
         check_or_write_request(tmp_path, {"num_samples": 8, "seed": 1})
     assert json.loads((tmp_path / "request.json").read_text()) == {"num_samples": 8, "seed": 0}
+    check_or_write_request(tmp_path, {"num_samples": 8, "seed": 0, "path": "b"}, informational=["path"])
 
 
 def test_degenerate_lattices_are_recorded_not_fatal(tmp_path):
