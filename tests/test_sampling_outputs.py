@@ -290,3 +290,23 @@ def test_frame_ids_fast_path_and_ase_fallback(tmp_path):
     assert [f.id for f in frames] == ["sample-000007", "two words"]
     raw = path.read_bytes()
     assert raw[frames[1].offset:frames[1].offset + frames[1].length].startswith(b"1\nProperties")
+
+
+def test_merge_interrupted_between_its_two_renames_completes_on_rerun(tmp_path, perov_structures):
+    plan = SamplingPlan(len(perov_structures), 2)
+    single = tmp_path / "single"
+    writer = PartWriter(single, plan)
+    for batch in range(plan.num_batches):
+        _write(writer, plan, batch, perov_structures)
+    merge_parts(single, plan)
+
+    multi = tmp_path / "multi"
+    writers = [PartWriter(multi, plan, rank=r, world_size=2) for r in range(2)]
+    for batch in range(plan.num_batches):
+        _write(writers[batch % 2], plan, batch, perov_structures)
+    # The state a crash right after the extxyz rename leaves: merged frames, no merged lines yet.
+    (multi / "samples.extxyz").write_bytes((single / "samples.extxyz").read_bytes())
+    assert committed_batches(multi, plan) == set(range(plan.num_batches))  # the parts still hold all
+    assert merge_parts(multi, plan).complete
+    for name in ("samples.jsonl", "samples.extxyz"):
+        assert (multi / name).read_bytes() == (single / name).read_bytes()
