@@ -99,6 +99,12 @@ class CrystalDiffusion(nn.Module):
         return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     @property
+    def work_dtype(self) -> torch.dtype:
+        """Precision of the processes, targets and losses: at least float32, also for a bf16
+        network (bf16 fractional coordinates are off by ~4e-3, more than the smallest sigma)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    @property
     def device(self) -> torch.device:
         return next((p.device for p in self.parameters()), torch.device("cpu"))
 
@@ -121,8 +127,9 @@ class CrystalDiffusion(nn.Module):
             conditions=conditions or None,
             condition_mask=condition_mask or None,
         )
-        coords = cartesian_to_fractional(out.coord_vectors, x.lattice, x.batch_index)
-        return Prediction(out.type_logits, coords, out.lattice_matrix)
+        work = x.frac_coords.dtype
+        coords = cartesian_to_fractional(out.coord_vectors.to(work), x.lattice, x.batch_index)
+        return Prediction(out.type_logits.to(work), coords, out.lattice_matrix.to(work))
 
     def batch_conditions(self, batch: CrystalBatch) -> tuple[dict, dict]:
         """The configured conditions a batch carries: values and presence masks.
@@ -160,9 +167,9 @@ class CrystalDiffusion(nn.Module):
 
     def loss(self, batch: CrystalBatch) -> dict[str, torch.Tensor]:
         """Weighted diffusion loss of a clean batch; t and noise come from torch's global RNG."""
-        batch = batch.to(self.device, dtype=self.dtype)
+        batch = batch.to(self.device, dtype=self.work_dtype)
         num_structures = batch.num_structures
-        t = TIME_EPS + (1 - TIME_EPS) * torch.rand(num_structures, device=self.device, dtype=self.dtype)
+        t = TIME_EPS + (1 - TIME_EPS) * torch.rand(num_structures, device=self.device, dtype=self.work_dtype)
         noisy, level, coords_target, lattice_target = self.corrupt(batch, t)
         values, masks = self.batch_conditions(batch)
         pred = self.predict(noisy, t, values, masks)

@@ -62,7 +62,7 @@ def _prepare_conditions(model: CrystalDiffusion, conditions, num_structures: int
             raise ValueError(f"the model is not conditioned on {name!r}; it knows {known}")
         value = torch.as_tensor(value, device=model.device)
         if value.is_floating_point():
-            value = value.to(model.dtype)
+            value = value.to(model.work_dtype)
         if value.dim() == 0 or (value.dim() == 1 and value.shape[0] != num_structures):
             value = value.expand(num_structures, *value.shape)  # one value for every structure
         prepared[name] = value
@@ -219,7 +219,7 @@ def sample(
 
 def _sample(model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr,
             guidance_scale, conditions, generator, progress) -> CrystalBatch:
-    device, dtype = model.device, model.dtype
+    device, dtype = model.device, model.work_dtype
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
     num_atoms = torch.as_tensor(num_atoms, dtype=torch.long).reshape(-1).to(device)

