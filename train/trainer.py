@@ -172,6 +172,7 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self.nonfinite_skips = 0
         self.first_loss: float | None = None
+        self.last_loss: float | None = None
         self.loss_keys: list[str] | None = None
         self.last_checkpoint: Path | None = None
         self.hooks: list[tuple[int, PeriodicHook, str]] = []
@@ -277,6 +278,7 @@ class Trainer:
             "loss_average": self.loss_average.state_dict(),
             "nonfinite_skips": self.nonfinite_skips,
             "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
             "loss_keys": self.loss_keys,
         }
 
@@ -318,6 +320,7 @@ class Trainer:
         self.loss_average.load_state_dict(state["loss_average"])
         self.nonfinite_skips = int(state["nonfinite_skips"])
         self.first_loss, self.loss_keys = state["first_loss"], state["loss_keys"]
+        self.last_loss = state.get("last_loss")
         ckpt.set_rng_state(state["rng"])
         self.last_checkpoint = source
         return source
@@ -462,7 +465,7 @@ class Trainer:
             torch.autograd.set_detect_anomaly(True)
         self._install_signal_handlers()
         start_step, started = self.step, time.perf_counter()
-        status, last_loss = "completed", None
+        status = "completed"
         progress = tqdm(total=self.tc.max_steps, initial=self.step, disable=not self.is_main,
                         desc="train", unit="step", dynamic_ncols=True)
         window_start, window_structures, window_atoms = time.perf_counter(), 0.0, 0.0
@@ -475,9 +478,9 @@ class Trainer:
                 self.ema.update()
                 self.loss_average.update(result["loss"])
                 self.schedule.step(self.loss_average.value)
-                last_loss = result["loss"]
+                self.last_loss = result["loss"]
                 if self.first_loss is None:
-                    self.first_loss = last_loss
+                    self.first_loss = self.last_loss
                 window_structures += result["structures"]
                 window_atoms += result["atoms"]
                 if self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps:
@@ -494,7 +497,7 @@ class Trainer:
                         tqdm.write(json.dumps(record, sort_keys=True))
                     window_start, window_structures, window_atoms = time.perf_counter(), 0.0, 0.0
                 progress.update(1)
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}")
                 self._run_hooks()
                 stop = result["stop"] > 0
                 if stop or self.step % self.tc.checkpoint_every == 0 or self.step == self.tc.max_steps:
@@ -518,7 +521,7 @@ class Trainer:
             "steps_this_session": steps_run,
             "resumed_from": str(resumed_from) if resumed_from else None,
             "first_loss": self.first_loss,
-            "last_loss": last_loss,
+            "last_loss": self.last_loss,
             "nonfinite_skips": self.nonfinite_skips,
             "wall_time_s": wall,
             "run_dir": str(self.run_dir),
