@@ -121,6 +121,7 @@ def run_evaluation(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_resume_settings(out, cfg)
     started = time.perf_counter()
     items = list(iter_structures(input_path))
     rows, summary = evaluate_inputs(
@@ -138,6 +139,22 @@ def run_evaluation(
 
         summary["plots"] = [p.name for p in write_plots(rows, out, cfg.stability_threshold)]
     return summary
+
+
+def _check_resume_settings(out: Path, cfg) -> None:
+    """The per-structure log is reused on a rerun; refuse to mix results made with other settings."""
+    from xtalgen.schema import ConfigError
+
+    settings = {k: getattr(cfg, k) for k in ("potential", "relax", "relax_steps", "relax_fmax", "symprec")}
+    path = out / "settings.json"
+    if path.exists() and (out / "per_structure.jsonl").exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            raise ConfigError(
+                f"{out} holds an evaluation made with {previous}; this one asks for {settings}. "
+                "Use another --out (or delete per_structure.jsonl to start over)."
+            )
+    path.write_text(json.dumps(settings, sort_keys=True) + "\n")
 
 
 def _cdvae(items, test_split, dataset, comp_scaler, cfg, progress) -> dict:

@@ -181,10 +181,7 @@ class ConvexHullReference:
             system = frozenset(el.symbol for el in composition.elements)
             self._by_system.setdefault(system, []).append(entry)
         self._diagram = lru_cache(maxsize=4096)(self._build_diagram)
-
-    @property
-    def elements(self) -> set[str]:
-        return {next(iter(s)) for s in self._by_system if len(s) == 1}
+        self.elements: set[str] = {next(iter(s)) for s in self._by_system if len(s) == 1}
 
     def _build_diagram(self, system: frozenset[str]) -> PhaseDiagram:
         entries = []

@@ -235,6 +235,8 @@ def test_cli_writes_table_summary_and_plots(perov, tmp_path):
     assert summary["unique_rate"] == pytest.approx(4 / 6)  # 4 distinct, 1 copy, 1 unparsable
     assert summary["valid_rate"] == pytest.approx(5 / 6)
     assert (out / "element_frequencies.png").stat().st_size > 0
+    # Rerunning into the same folder with other settings would mix results: refused.
+    assert main(["evaluate", str(cif_dir), "--out", str(out), "--no-progress", "relax_steps=3"]) == 2
 
 
 # --- CDVAE metrics ----------------------------------------------------------------------------------------
