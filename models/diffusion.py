@@ -147,7 +147,8 @@ class CrystalDiffusion(nn.Module):
     def corrupt(self, batch: CrystalBatch, t: torch.Tensor):
         """Noise a clean batch to times t (B,) with torch's global RNG.
 
-        Returns the noisy crystals, the clean symmetric lattice and the per-process targets.
+        Returns the noisy crystals, the type level of every atom (N,), the coordinate target
+        sigma * score (N, 3) and the lattice target -z (B, 3, 3).
         """
         num_atoms_per_atom = batch.num_atoms[batch.batch_index]  # (N,)
         t_atom = t[batch.batch_index]  # (N,)
