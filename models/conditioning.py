@@ -54,10 +54,11 @@ class ScalarEmbedding(nn.Module):
 
     def forward(self, value: Tensor) -> Tensor:
         dtype = self.net[0].weight.dtype
-        z = (value.to(dtype) - self.mean.to(dtype)) / self.std.to(dtype)  # (B,)
+        work = torch.promote_types(dtype, torch.float32)  # features never in bf16
+        z = (value.to(work) - self.mean.to(work)) / self.std.to(work)  # (B,)
         # Wavelengths 0.01..100 standard deviations: fine resolution near the data and no aliasing
         # over any realistic range of targets.
-        return self.net(sinusoidal_features(z, self.num_features, 1e-2, 1e2))
+        return self.net(sinusoidal_features(z, self.num_features, 1e-2, 1e2).to(dtype))
 
 
 class TableEmbedding(nn.Module):

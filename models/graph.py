@@ -210,8 +210,10 @@ def message_passing_torch(node_feats: Tensor, edge_filter: Tensor, edge_index: T
     """Reference: gather along edges, multiply by the filter, scatter-add (index_add_) to targets."""
     source, target = edge_index
     messages = node_feats.index_select(0, source) * edge_filter  # (E, K, C)
-    out = messages.new_zeros(num_nodes, *messages.shape[1:])
-    return out.index_add_(0, target, messages)
+    # Sums of ~50 messages lose most of bf16's 8 mantissa bits: accumulate in at least float32.
+    acc_dtype = torch.promote_types(messages.dtype, torch.float32)
+    out = messages.new_zeros(num_nodes, *messages.shape[1:], dtype=acc_dtype)
+    return out.index_add_(0, target, messages.to(acc_dtype)).to(messages.dtype)
 
 
 register_message_passing_backend("torch", message_passing_torch)

@@ -40,7 +40,10 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         # Wavelengths 1e-3..10 resolve the 1000 discrete steps and still vary smoothly over [0, 1].
-        return self.net(sinusoidal_features(t, self.num_features, 1e-3, 10.0))
+        # Features in at least float32: in bf16, t itself is off by up to 2e-3.
+        dtype = self.net[0].weight.dtype
+        t = t.to(torch.promote_types(dtype, torch.float32))
+        return self.net(sinusoidal_features(t, self.num_features, 1e-3, 10.0).to(dtype))
 
 
 class GaussianRBF(nn.Module):

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from xtalgen.models.conditioning import ConditionEmbedding
-from xtalgen.models.graph import radius_graph_pbc
+from xtalgen.models.graph import available_backends, radius_graph_pbc
 from xtalgen.models.layers import GaussianRBF, PaiNNLayer, TimeEmbedding, mlp
 from xtalgen.schema.model import ConditionConfig, ScoreNetConfig
 
@@ -88,6 +88,10 @@ class ScoreNetwork(nn.Module):
     ):
         super().__init__()
         arch = resolve_architecture(cfg)
+        if cfg.backend not in available_backends():
+            raise ValueError(
+                f"message-passing backend {cfg.backend!r} is not registered; available: {available_backends()}"
+            )
         hidden, num_layers, num_rbf = arch["hidden"], arch["num_layers"], arch["num_rbf"]
         self.cfg = cfg
         self.hidden = hidden
@@ -170,11 +174,12 @@ class ScoreNetwork(nn.Module):
         graph = radius_graph_pbc(cart, lattice, batch_index, num_atoms, self.cutoff, self.max_neighbors)
         source, target = graph.edge_index
         dist = graph.edge_vec.norm(dim=1)  # (E,)
-        unit_vec = (graph.edge_vec / dist.clamp_min(1e-6)[:, None]).to(dtype)  # (E, 3)
+        unit_geom = graph.edge_vec / dist.clamp_min(1e-6)[:, None]  # (E, 3)
+        unit_vec = unit_geom.to(dtype)
         rbf = self.rbf(dist).to(dtype)  # (E, K)
 
         num_structures = lattice.shape[0]
-        cond = self.time_embedding(t.to(dtype))  # (B, H)
+        cond = self.time_embedding(t)  # (B, H); features computed in >= float32
         props = None
         if self.conditioning is not None:
             props = self.conditioning(num_structures, conditions, condition_mask)  # (B, H)
@@ -191,7 +196,7 @@ class ScoreNetwork(nn.Module):
         s = self.final_norm(s)
         type_logits = self.type_head(s)  # (N, 100)
         coord_vectors = self.coord_out(v * self.coord_gate(s)[:, None, :]).squeeze(-1)  # (N, 3)
-        lattice_matrix = self._lattice_readout(s, rbf, unit_vec, source, target, batch_index, num_structures)
+        lattice_matrix = self._lattice_readout(s, rbf, unit_geom, source, target, batch_index, num_structures)
         return ScoreOutput(type_logits, coord_vectors, lattice_matrix)
 
     def _lattice_readout(self, s, rbf, unit_vec, source, target, batch_index, num_structures):
@@ -203,18 +208,21 @@ class ScoreNetwork(nn.Module):
         edge_hidden = nn.functional.silu(pair * self.edge_rbf(rbf))
         weight = self.edge_weight(edge_hidden)  # (E, 1)
         # r_hat r_hat^T first: it is exactly symmetric in floating point, and so is its weighted sum.
-        outer = (weight[:, :, None] * (unit_vec[:, :, None] * unit_vec[:, None, :])).reshape(-1, 9)  # (E, 9)
+        # Means over hundreds of edges are accumulated in at least float32 (bf16 would lose them).
+        acc = torch.promote_types(s.dtype, torch.float32)
+        unit = unit_vec.to(acc)
+        outer = (weight.to(acc)[:, :, None] * (unit[:, :, None] * unit[:, None, :])).reshape(-1, 9)  # (E, 9)
         edge_struct = batch_index[target]  # (E,)
         aniso = outer.new_zeros(num_structures, 9).index_add_(0, edge_struct, outer)
         edges_per_struct = torch.bincount(edge_struct, minlength=num_structures).clamp_min(1)
-        aniso = aniso / edges_per_struct[:, None].to(aniso.dtype)
+        aniso = aniso / edges_per_struct[:, None].to(acc)
 
-        iso_atoms = self.iso_head(s)  # (N, 1)
+        iso_atoms = self.iso_head(s).to(acc)  # (N, 1)
         iso = iso_atoms.new_zeros(num_structures, 1).index_add_(0, batch_index, iso_atoms)
         atoms_per_struct = torch.bincount(batch_index, minlength=num_structures).clamp_min(1)
-        iso = iso / atoms_per_struct[:, None].to(iso.dtype)  # (B, 1)
-        eye = torch.eye(3, dtype=s.dtype, device=s.device)
-        return aniso.view(-1, 3, 3) + iso[:, :, None] * eye
+        iso = iso / atoms_per_struct[:, None].to(acc)  # (B, 1)
+        eye = torch.eye(3, dtype=acc, device=s.device)
+        return (aniso.view(-1, 3, 3) + iso[:, :, None] * eye).to(s.dtype)
 
 
 def build_score_net(

@@ -11,6 +11,7 @@ import torch
 from equivariance import FlatBatch, assert_symmetries, flat_batch, jitter, structures_from_csv
 
 from xtalgen.cli import main as cli_main
+from xtalgen.models.graph import message_passing_torch, register_message_passing_backend
 from xtalgen.models.score_net import (
     PRESETS,
     ScoreNetwork,
@@ -118,6 +119,20 @@ def test_supercell_gives_the_same_per_atom_and_lattice_outputs(carbon_val):
     torch.testing.assert_close(big.lattice_matrix, cell.lattice_matrix, rtol=1e-9, atol=1e-10)
 
 
+def test_bfloat16_network_tracks_its_float32_copy(perov_val):
+    # DeepSpeed bf16 runs the whole module in bf16: time features, geometry and sums over edges must
+    # stay in float32 inside, or errors reach tens of percent.
+    batch = jitter(flat_batch(structures_from_csv(perov_val, 4), torch.float32), 0.01, torch.Generator().manual_seed(7))
+    net = _net(ScoreNetConfig(preset="debug"), dtype=torch.bfloat16, conditions=CONDITIONS[:1])
+    conditions = {"band_gap": torch.tensor([0.5, 1.0, 2.0, 4.0])}
+    low = _run(net, batch, conditions=conditions)
+    high = _run(net.float(), batch, conditions=conditions)
+    for field in ("type_logits", "coord_vectors", "lattice_matrix"):
+        a, r = getattr(low, field), getattr(high, field)
+        assert a.dtype == torch.bfloat16
+        assert (a.float() - r).norm() / r.norm() < 0.05, field
+
+
 def test_structures_in_a_batch_do_not_interact(mixed_structures):
     net = _net()
     batch = flat_batch(mixed_structures)
@@ -217,6 +232,23 @@ def test_freeze_base_trains_only_adapters_and_property_embeddings(mixed_structur
 def test_adapters_need_conditions():
     with pytest.raises(ValueError, match="need at least one condition"):
         build_score_net(SMALL, adapters=True)
+
+
+def test_backend_from_config_is_used_and_unknown_backends_are_refused(perov_val):
+    calls = []
+
+    def recording_backend(node, filt, edge_index, num_nodes):
+        calls.append(tuple(node.shape))
+        return message_passing_torch(node, filt, edge_index, num_nodes)
+
+    register_message_passing_backend("test-recording", recording_backend)
+    batch = flat_batch(structures_from_csv(perov_val, 2))
+    reference = _run(_net(SMALL), batch)
+    out = _run(_net(replace(SMALL, backend="test-recording")), batch)
+    assert len(calls) == 3 * SMALL.num_layers  # scalar, vector and directional messages per layer
+    assert torch.equal(out.coord_vectors, reference.coord_vectors)
+    with pytest.raises(ValueError, match="not registered"):
+        build_score_net(replace(SMALL, backend="no-such-kernel"))
 
 
 def test_config_overrides_and_unknown_preset():
