@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from xtalgen.models.conditioning import ConditionEmbedding
 from xtalgen.models.graph import available_backends, radius_graph_pbc
@@ -104,6 +105,9 @@ class ScoreNetwork(nn.Module):
         self.rbf = GaussianRBF(num_rbf, self.cutoff)
         self.layers = nn.ModuleList([PaiNNLayer(hidden, num_rbf, cfg.backend) for _ in range(num_layers)])
         self.adapters: nn.ModuleList | None = None
+        # Recompute each layer in the backward pass instead of keeping its per-edge activations
+        # (the large presets' memory); the trainer switches it on. Results are identical.
+        self.activation_checkpointing = False
         # Fixed at construction: properties either shape the whole network (trained with it) or enter
         # only through adapters (fine-tuning). Adding adapters later must not change this.
         self.conditions_at_input = bool(conditions) and not adapters
@@ -191,7 +195,11 @@ class ScoreNetwork(nn.Module):
         for i, layer in enumerate(self.layers):
             if self.adapters is not None:
                 s = s + self.adapters[i](props)[batch_index]
-            s, v = layer(s, v, cond, batch_index, graph.edge_index, rbf, unit_vec)
+            args = (s, v, cond, batch_index, graph.edge_index, rbf, unit_vec)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                s, v = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                s, v = layer(*args)
 
         s = self.final_norm(s)
         type_logits = self.type_head(s)  # (N, 100)

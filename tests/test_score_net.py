@@ -164,6 +164,21 @@ def test_time_and_types_change_the_outputs_and_every_parameter_gets_a_gradient(m
     assert not missing
 
 
+def test_activation_checkpointing_gives_identical_outputs_and_gradients(perov_val):
+    batch = jitter(flat_batch(structures_from_csv(perov_val, 3)), 0.02, torch.Generator().manual_seed(8))
+    results = []
+    for checkpointing in (False, True):
+        net = _net(SMALL).train()
+        net.activation_checkpointing = checkpointing
+        out = _run(net, batch)
+        (out.coord_vectors.square().sum() + out.lattice_matrix.square().sum() + out.type_logits.square().sum()).backward()
+        results.append((out, {k: p.grad for k, p in net.named_parameters()}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    assert torch.equal(plain.coord_vectors, ckpt.coord_vectors)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_conditions_at_input_change_outputs_and_null_equals_absent(mixed_structures):
     net = _net(conditions=CONDITIONS)
     batch = flat_batch(mixed_structures)
