@@ -185,6 +185,8 @@ class ScoreNetwork(nn.Module):
         num_structures = lattice.shape[0]
         cond = self.time_embedding(t)  # (B, H); features computed in >= float32
         props = None
+        if self.conditioning is None and conditions:
+            raise ValueError(f"this network is not conditioned on any property; got {sorted(conditions)}")
         if self.conditioning is not None:
             props = self.conditioning(num_structures, conditions, condition_mask)  # (B, H)
             if self.conditions_at_input:

@@ -191,6 +191,8 @@ def test_conditions_at_input_change_outputs_and_null_equals_absent(mixed_structu
     assert not torch.allclose(present.coord_vectors, absent.coord_vectors)
     assert torch.equal(all_masked.coord_vectors, absent.coord_vectors)
     assert torch.equal(all_masked.lattice_matrix, absent.lattice_matrix)
+    with pytest.raises(ValueError, match="not conditioned"):
+        _run(_net(), batch, conditions=conditions)
 
 
 def _finetune_inputs(batch):
