@@ -137,7 +137,8 @@ def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, model
     if relax:
         pairs = [(k, structures[k]) for k in relaxable]
         for k, result, error in relax_many(
-            pairs, models.relax_target, workers=cfg.workers, fmax=cfg.relax_fmax, steps=cfg.relax_steps
+            pairs, models.relax_target, workers=cfg.workers, fmax=cfg.relax_fmax, steps=cfg.relax_steps,
+            batch=cfg.relax_batch,
         ):
             _add_relaxation(rows[k], result, error, cfg)
             finish(k)
@@ -361,7 +362,8 @@ def _reference_energies(reference, candidates, cfg, models, cache_dir, progress)
         if cfg.reference_relax:
             by_position = dict(enumerate(todo))
             pairs = [(p, s) for p, (_, s) in by_position.items()]
-            results = relax_many(pairs, models.relax_target, workers=cfg.workers, fmax=cfg.relax_fmax, steps=cfg.relax_steps)
+            results = relax_many(pairs, models.relax_target, workers=cfg.workers, fmax=cfg.relax_fmax,
+                                 steps=cfg.relax_steps, batch=cfg.relax_batch)
             for position, result, _error in results:
                 identifier, structure = by_position[position]
                 energy = result.energy_per_atom if result is not None else float("nan")

@@ -151,6 +151,17 @@ class CHGNetPotential(Potential):
         )
 
 
+    def relax_batch(
+        self, structures: Sequence[Structure], fmax: float = 0.05, steps: int = 500, concurrency: int = 8
+    ) -> Iterator[tuple[int, RelaxResult | Exception]]:
+        """Relax many structures with one batched model call per step (see batched_relax.py);
+        yields (position, result or exception) as each finishes."""
+        from xtalgen.evaluation.batched_relax import relax_batched
+
+        with cpu_threads(self.threads):
+            yield from relax_batched(self, structures, fmax=fmax, steps=steps, concurrency=concurrency)
+
+
 class ASECalculatorPotential(Potential):
     """Any ASE calculator, relaxed with ASE's FIRE on a FrechetCellFilter (cell + positions)."""
 
@@ -240,13 +251,30 @@ def _init_worker(name: str, threads: int) -> None:
     _WORKER_POTENTIAL = load_potential(name, threads=threads)
 
 
-def _relax_task(task: tuple[int, dict, float, int]) -> tuple[int, dict | None, str]:
-    index, structure_dict, fmax, steps = task
-    try:
-        result = _WORKER_POTENTIAL.relax(Structure.from_dict(structure_dict), fmax=fmax, steps=steps)
-        return index, result.to_json(), ""
-    except Exception as exc:  # one structure that breaks the potential must not stop the run
-        return index, None, f"{type(exc).__name__}: {exc}"
+def _relax_task(task: tuple[list[int], list[dict], float, int, int]) -> list[tuple[int, dict | None, str]]:
+    indices, structure_dicts, fmax, steps, batch = task
+    structures = [Structure.from_dict(d) for d in structure_dicts]
+    return [
+        (index, result.to_json() if result is not None else None, error)
+        for index, result, error in _relax_serial(_WORKER_POTENTIAL, list(zip(indices, structures)), fmax, steps, batch)
+    ]
+
+
+def _relax_serial(model: Potential, structures, fmax: float, steps: int, batch: int):
+    """In this process: batched when the potential supports it, else one at a time."""
+    if batch > 1 and hasattr(model, "relax_batch"):
+        indices = [i for i, _ in structures]
+        for position, outcome in model.relax_batch([s for _, s in structures], fmax, steps, concurrency=batch):
+            if isinstance(outcome, Exception):
+                yield indices[position], None, f"{type(outcome).__name__}: {outcome}"
+            else:
+                yield indices[position], outcome, ""
+        return
+    for index, structure in structures:
+        try:
+            yield index, model.relax(structure, fmax=fmax, steps=steps), ""
+        except Exception as exc:  # one structure that breaks the potential must not stop the run
+            yield index, None, f"{type(exc).__name__}: {exc}"
 
 
 def relax_many(
@@ -256,24 +284,28 @@ def relax_many(
     workers: int = 1,
     fmax: float = 0.05,
     steps: int = 500,
+    batch: int = 8,
 ) -> Iterator[tuple[int, RelaxResult | None, str]]:
     """Relax (index, structure) pairs; yield (index, result or None, error) in completion order.
 
-    With `workers > 1` a pool of spawned processes each loads the potential once (by name) and
-    runs single-threaded (see `cpu_threads`): one process per core is the fast layout.
+    Each process relaxes up to `batch` structures together (one batched model call per optimizer
+    step, for potentials with `relax_batch`). With `workers > 1` a pool of spawned processes each
+    loads the potential once (by name) and runs single-threaded (see `cpu_threads`): one process
+    per core is the fast layout. Results come back per chunk (at most 2 x batch structures).
     """
-    if workers <= 1 or len(structures) <= 1:
+    if workers <= 1 or len(structures) <= batch:
         model = load_potential(potential) if isinstance(potential, str) else potential
-        for index, structure in structures:
-            try:
-                yield index, model.relax(structure, fmax=fmax, steps=steps), ""
-            except Exception as exc:  # see _relax_task
-                yield index, None, f"{type(exc).__name__}: {exc}"
+        yield from _relax_serial(model, list(structures), fmax, steps, batch)
         return
     if not isinstance(potential, str):
         raise ValueError("parallel relaxation needs the potential by registry name")
-    tasks = [(i, s.as_dict(), fmax, steps) for i, s in structures]
+    chunk = max(1, min(2 * max(batch, 1), -(-len(structures) // workers)))  # every worker gets work
+    tasks = [
+        ([i for i, _ in structures[k : k + chunk]], [s.as_dict() for _, s in structures[k : k + chunk]], fmax, steps, batch)
+        for k in range(0, len(structures), chunk)
+    ]
     context = mp.get_context("spawn")  # fork after torch threads start can deadlock
     with context.Pool(workers, initializer=_init_worker, initargs=(potential, 1)) as pool:
-        for index, payload, error in pool.imap_unordered(_relax_task, tasks, chunksize=1):
-            yield index, (RelaxResult.from_json(payload) if payload is not None else None), error
+        for results in pool.imap_unordered(_relax_task, tasks, chunksize=1):
+            for index, payload, error in results:
+                yield index, (RelaxResult.from_json(payload) if payload is not None else None), error

@@ -100,3 +100,18 @@ def test_killed_evaluation_resumes_without_loss_or_duplicates(perov_val, mp_elem
     assert sorted(ids) == ["s0", "s1", "s2", "s3"]  # complete, no duplicates
     assert after[: len(before)] == before  # finished work was kept, not redone
     assert len(pd.read_csv(out / "per_structure.csv")) == 4
+
+
+def test_batched_relaxation_follows_the_serial_trajectories(perov_val):
+    from xtalgen.evaluation.relax import load_potential, relax_many
+
+    structures = _perov(perov_val, [1, 2, 4])
+    potential = load_potential("chgnet")
+    pairs = list(enumerate(structures))
+    serial = {i: r for i, r, _ in relax_many(pairs, potential, steps=8, batch=1)}
+    batched = {i: r for i, r, _ in relax_many(pairs, potential, steps=8, batch=3)}
+    assert sorted(batched) == [0, 1, 2]
+    for i in range(3):
+        assert batched[i].steps == serial[i].steps
+        assert batched[i].energy_per_atom == pytest.approx(serial[i].energy_per_atom, abs=1e-5)
+        assert batched[i].structure.lattice.abc == pytest.approx(serial[i].structure.lattice.abc, abs=1e-4)

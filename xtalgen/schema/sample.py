@@ -37,3 +37,4 @@ class EvaluateConfig:
     elemental_reference: str = ""  # ComputedEntry dicts (json[.gz]); "" = built in, same potential
     reference_relax: bool = True  # relax reference structures (False: single-point energies)
     symprec: float = 0.1  # Å, spglib tolerance for space groups
+    relax_batch: int = 8  # structures relaxed together per process (one batched model call per step)

@@ -1,0 +1,163 @@
+"""Relax several structures at once with CHGNet: one batched model call per optimizer step.
+
+Each structure keeps its own ASE FIRE optimizer on a FrechetCellFilter, set up as CHGNet's own
+`StructOptimizer` does it, but runs in its own thread. Whenever a thread needs energy, forces and
+stress it hands its structure to a shared batcher and waits; once every running thread is waiting,
+the batcher evaluates them all as one CHGNet graph batch and wakes them. Threads only interleave
+the cheap optimizer arithmetic; the model runs in one call at a time, and the trajectories are
+those of one-at-a-time relaxation (same steps, energies equal to float32 precision; tested).
+The gain is the per-call overhead: ~10 % on 5-atom Perov-5 cells on a CPU, where CHGNet's many
+edges make each call compute-bound (measured 80 vs 88 ms per structure and step); more where calls
+are latency-bound (GPUs).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+from pymatgen.core import Structure
+from pymatgen.io.ase import AseAtomsAdaptor
+
+
+class _Batcher:
+    """Collects evaluation requests from optimizer threads; runs them together when all wait."""
+
+    def __init__(self, model, active: int):
+        self.model = model
+        self.active = active  # threads that may still ask for an evaluation
+        self.pending: dict[int, Structure] = {}
+        self.results: dict[int, dict | BaseException] = {}
+        self.condition = threading.Condition()
+        self._next_ticket = 0
+
+    def evaluate(self, structure: Structure) -> dict:
+        with self.condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self.pending[ticket] = structure
+            self._run_if_all_waiting()
+            while ticket not in self.results:
+                self.condition.wait()
+            result = self.results.pop(ticket)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def finished(self) -> None:
+        """A thread is done and will ask for nothing more."""
+        with self.condition:
+            self.active -= 1
+            self._run_if_all_waiting()
+
+    def _run_if_all_waiting(self) -> None:  # called with the lock held
+        if not self.pending or len(self.pending) < self.active:
+            return
+        tickets = list(self.pending)
+        structures = [self.pending.pop(t) for t in tickets]
+        try:
+            graphs = [self.model.graph_converter(s) for s in structures]
+            predictions = self.model.predict_graph(graphs, task="efsm", batch_size=len(graphs))
+            if isinstance(predictions, dict):  # CHGNet returns a bare dict for one graph
+                predictions = [predictions]
+            self.results.update(zip(tickets, predictions))
+        except Exception as exc:  # every waiting thread gets the error instead of hanging
+            self.results.update(dict.fromkeys(tickets, exc))
+        self.condition.notify_all()
+
+
+class _BatchedCalculator(Calculator):
+    """ASE calculator whose evaluations go through a `_Batcher` (results as CHGNetCalculator's)."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "magmoms"]
+
+    def __init__(self, batcher: _Batcher, stress_weight: float):
+        super().__init__()
+        self.batcher = batcher
+        self.stress_weight = stress_weight  # GPa → eV/Å³, as CHGNetCalculator
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        structure = AseAtomsAdaptor.get_structure(atoms)
+        prediction = self.batcher.evaluate(structure)
+        extensive = len(structure) if self.batcher.model.is_intensive else 1
+        self.results = {
+            "energy": float(prediction["e"]) * extensive,
+            "free_energy": float(prediction["e"]) * extensive,
+            "forces": np.asarray(prediction["f"]),
+            "stress": np.asarray(prediction["s"]) * self.stress_weight,
+            "magmoms": np.asarray(prediction["m"]),
+        }
+
+
+def relax_batched(
+    potential,
+    structures: Sequence[Structure],
+    *,
+    fmax: float = 0.05,
+    steps: int = 500,
+    relax_cell: bool = True,
+    concurrency: int = 8,
+) -> Iterator[tuple[int, object]]:
+    """Yield (position, RelaxResult or exception) as each structure finishes."""
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+    from chgnet.model.dynamics import TrajectoryObserver
+
+    from xtalgen.evaluation.relax import RelaxResult, displacement_rmsd
+
+    todo: queue.Queue = queue.Queue()
+    for position in range(len(structures)):
+        todo.put(position)
+    done: queue.Queue = queue.Queue()
+    n_threads = max(1, min(concurrency, len(structures)))
+    batcher = _Batcher(potential.model, n_threads)
+    stress_weight = potential.optimizer.calculator.stress_weight
+
+    def relax_one(structure: Structure) -> RelaxResult:
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.calc = _BatchedCalculator(batcher, stress_weight)
+        observer = TrajectoryObserver(atoms)
+        optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
+        optimizer.attach(observer, interval=1)
+        optimizer.run(fmax=fmax, steps=steps)
+        observer()
+        relaxed = AseAtomsAdaptor.get_structure(atoms)
+        magmoms = [float(m) for m in atoms.get_magnetic_moments()]
+        relaxed.add_site_property("magmom", magmoms)
+        n_atoms = len(structure)
+        steps_taken = max(len(observer.energies) - 2, 0)  # start, each step, and once at the end
+        return RelaxResult(
+            structure=relaxed,
+            energy_per_atom=float(observer.energies[-1]) / n_atoms,
+            initial_energy_per_atom=float(observer.energies[0]) / n_atoms,
+            converged=steps_taken < steps,
+            steps=steps_taken,
+            rmsd=displacement_rmsd(structure, relaxed),
+            magmoms=magmoms,
+        )
+
+    def worker() -> None:
+        try:
+            while True:
+                try:
+                    position = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((position, relax_one(structures[position])))
+                except Exception as exc:  # reported for this structure; the others go on
+                    done.put((position, exc))
+        finally:
+            batcher.finished()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for _ in range(len(structures)):
+        yield done.get()
+    for thread in threads:
+        thread.join()
