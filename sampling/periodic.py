@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -29,12 +30,13 @@ TABLE_KEY = PREFIX + "structures"  # list of row dicts, one per structure (a W&B
 
 def make_periodic_sampler(
     cfg: Config,
-    reference: Sequence[CrystalRecord] | Sequence | None = None,
+    reference: Sequence[CrystalRecord] | Sequence | str | Path | None = None,
     *,
     model_cfg=None,
     stats: dict | None = None,
 ) -> Callable[[torch.nn.Module, int], dict]:
-    """Build the periodic pass. `reference`: training records (or pymatgen structures) for novelty.
+    """Build the periodic pass. `reference` (for novelty): training records, pymatgen structures, or a
+    path the evaluator reads (e.g. the training shard set).
 
     `model_cfg`/`stats` default to `cfg.model` and the model's own `stats` attribute.
     """
@@ -89,7 +91,11 @@ def _periodic_sample_config(cfg: Config):
     )
 
 
-def _to_structures(reference: Sequence) -> list:
+def _to_structures(reference):
+    """Records become pymatgen structures once (not at every call); a path (shard set, CSV, CIF
+    folder) goes to the evaluator as it is, which streams it."""
+    if isinstance(reference, (str, Path)):
+        return reference
     return [r.to_structure() if isinstance(r, CrystalRecord) else r for r in reference]
 
 

@@ -63,7 +63,7 @@ def test_metrics_rows_and_no_side_effects(setup, perov_records):
     }
 
 
-def test_novelty_against_the_samples_themselves_is_zero(setup):
+def test_novelty_against_the_samples_themselves_is_zero(setup, perov_val, tmp_path):
     cfg, model = setup
     # The very structures the pass will make (same plan, same seeds) as the "training set".
     sample_cfg = _periodic_sample_config(cfg)
@@ -73,6 +73,10 @@ def test_novelty_against_the_samples_themselves_is_zero(setup):
     metrics = make_periodic_sampler(cfg, made)(model, 1)
     assert metrics[PREFIX + "novel_rate"] == 0.0
     assert metrics[PREFIX + "reference_size"] == 4.0
+    csv = tmp_path / "reference.csv"
+    pd.read_csv(perov_val, nrows=20).to_csv(csv, index=False)
+    from_csv = make_periodic_sampler(cfg, str(csv))(model, 1)  # a path: read by the evaluator
+    assert from_csv[PREFIX + "reference_size"] == 20.0 and from_csv[PREFIX + "novel_rate"] == 1.0
     without = make_periodic_sampler(cfg)(model, 1)
     assert PREFIX + "novel_rate" not in without  # not computed, rather than a made-up number
     assert all(math.isfinite(v) for k, v in without.items() if k != TABLE_KEY)
