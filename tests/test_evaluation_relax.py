@@ -82,7 +82,7 @@ def test_killed_evaluation_resumes_without_loss_or_duplicates(perov_val, mp_elem
         structure.to(filename=str(cif_dir / f"s{i}.cif"))
     out = tmp_path / "eval"
     command = [sys.executable, "-m", "xtalgen.cli", "evaluate", str(cif_dir), "--out", str(out),
-               "--no-plots", "--no-progress", "relax_steps=15", f"cache_dir={tmp_path / 'cache'}",
+               "--no-plots", "--no-progress", "relax_steps=15", "relax_batch=1", f"cache_dir={tmp_path / 'cache'}",
                f"elemental_reference={mp_elemental}"]
     log = out / "per_structure.jsonl"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
