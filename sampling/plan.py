@@ -85,14 +85,17 @@ def batch_seed(base_seed: int, batch: int, stream: int = NOISE_STREAM) -> int:
 def rank_from_env(environ: dict[str, str] | None = None) -> tuple[int, int]:
     """(rank, world size) of this process among all samplers of one request.
 
-    Processes of one launch: torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS); else
-    (0, 1). Inside a Slurm job array each array element is one more block of such ranks, so element
+    Processes of one launch: torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID with
+    SLURM_STEP_NUM_TASKS, else SLURM_NTASKS); else (0, 1). Inside a Slurm job array each array element is one more block of such ranks, so element
     k of K with W tasks each holds ranks k*W .. k*W + W-1 of K*W (elements are numbered by
     SLURM_ARRAY_TASK_MIN/STEP, so `--array=0-30:3` works too).
     """
     env = os.environ if environ is None else environ
     rank, world = 0, 1
-    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+    # SLURM_STEP_NUM_TASKS (the srun step's task count) before SLURM_NTASKS (the allocation's): a
+    # single process started in a `--ntasks=4` batch script is one rank, not rank 0 of 4.
+    pairs = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"), ("SLURM_PROCID", "SLURM_NTASKS"))
+    for rank_key, world_key in pairs:
         if rank_key in env and world_key in env:
             rank, world = int(env[rank_key]), int(env[world_key])
             if not 0 <= rank < world:

@@ -84,6 +84,8 @@ def test_rank_from_torchrun_and_slurm_env():
     assert rank_from_env({}) == (0, 1)
     assert rank_from_env({"RANK": "1", "WORLD_SIZE": "4"}) == (1, 4)
     assert rank_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}) == (2, 3)
+    # a lone process in a 4-task allocation's batch step is the whole job
+    assert rank_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}) == (0, 1)
     # torchrun's variables win over the enclosing Slurm allocation's
     assert rank_from_env({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"}) == (0, 2)
     with pytest.raises(ValueError, match="outside"):
