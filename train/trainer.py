@@ -403,9 +403,8 @@ class Trainer:
         """DeepSpeed reports the norm for ZeRO/bf16; plain fp32 stage 0 clips without keeping it."""
         if self.tc.zero_stage > 0 or self.tc.precision != "fp32":
             return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
+        norms = [p.grad.norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0  # the 2-norm of all gradients
 
     def _train_step(self, data: Iterator[CrystalBatch]) -> dict[str, float]:
         terms: torch.Tensor | None = None
