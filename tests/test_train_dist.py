@@ -183,3 +183,18 @@ def test_sigkill_then_resume_auto_reproduces_the_straight_run(perov_val, tmp_pat
     assert ckpt.latest_checkpoint(killed / "checkpoints") is not None
     run_toy(perov_val, killed, 1, *steps, "train.resume=auto")
     assert losses(killed) == losses(straight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gpu_bf16_training_lowers_the_loss_and_consolidates(perov_val, tmp_path, stage):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    run_dir = tmp_path / f"gpu_z{stage}"
+    run_toy(perov_val, run_dir, 1, f"train.zero_stage={stage}", "train.precision=bf16", "train.max_steps=12")
+    curve = losses(run_dir)
+    assert all(map(torch.isfinite, torch.tensor(curve))) and sum(curve[-3:]) < sum(curve[:3])
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["device"] != "cpu"
+    state = consolidated_state_dict(ckpt.latest_checkpoint(run_dir / "checkpoints"), use_ema=True)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
