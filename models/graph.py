@@ -11,8 +11,10 @@ implementations can replace the pure-PyTorch reference without touching the mode
   scatter-adds the products onto the target nodes. Backends live in a registry: "torch" (the
   reference and the CPU path) now; a fused kernel registered with `torch.library` plugs in by name.
 
-Hand-written rather than taken from torch_cluster / PyG / matscipy: those do not ship for this torch
-build, and the score network needs exact control of image enumeration and tie-breaking.
+Hand-written rather than taken from a library: torch_cluster / PyG's radius graph has no wheels for
+this torch version and knows no periodic images; ase / matscipy / pymatgen neighbour lists run on the
+CPU in numpy, one structure at a time. The score network also needs exact control of image
+enumeration and of tie-breaking at the neighbour cap. pymatgen is the reference in the tests.
 """
 
 from __future__ import annotations
