@@ -120,6 +120,15 @@ class ConditionEmbedding(nn.Module):
         self.embeddings = nn.ModuleDict({c.name: build_property_embedding(c, hidden) for c in conditions})
         self.null_tokens = nn.ParameterDict({n: nn.Parameter(0.02 * torch.randn(hidden)) for n in names})
 
+    def set_normalization(self, name: str, mean: float, std: float) -> None:
+        """Standardise scalar property `name` as (x - mean) / std (e.g. from the shard manifest).
+
+        Stored in buffers, so saved models carry it and sampling sees the same embedding."""
+        embedding = self.embeddings[name] if name in self.embeddings else None
+        if not isinstance(embedding, ScalarEmbedding):
+            raise ValueError(f"{name!r} is not a configured scalar condition")
+        embedding.set_normalization(mean, std)
+
     def forward(
         self,
         batch_size: int,

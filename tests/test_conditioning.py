@@ -92,6 +92,13 @@ def test_scalar_normalisation_is_applied():
     torch.testing.assert_close(emb(x), raw)
     with pytest.raises(ValueError, match="std must be positive"):
         emb.set_normalization(0.0, 0.0)
+    # through the combined module, and saved with the state dict
+    combined = _embedding()
+    combined.set_normalization("band_gap", 1.5, 2.0)
+    assert combined.state_dict()["embeddings.band_gap.mean"] == 1.5
+    assert combined.state_dict()["embeddings.band_gap.std"] == 2.0
+    with pytest.raises(ValueError, match="not a configured scalar"):
+        combined.set_normalization("space_group", 0.0, 1.0)
 
 
 def test_invalid_inputs_are_named():
