@@ -281,6 +281,47 @@ def featurize(structures: Sequence[Structure | None], workers: int = 1, progress
                          desc="fingerprints", disable=not progress))
 
 
+def save_features(path: str | Path, features: list[dict]) -> None:
+    """Fingerprints of a test split as a plain .npz (no pickle), so each split is featurized once."""
+    struct = np.stack([f["struct_fp"] if f["struct_fp"] is not None else np.full(61, np.nan) for f in features])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        struct_fp=struct,  # (M, 61), NaN rows where CrystalNN failed
+        comp_fp=np.stack([f["comp_fp"] for f in features]),  # (M, 132)
+        density=np.array([f["density"] for f in features], dtype=np.float64),
+        num_elements=np.array([f["num_elements"] for f in features], dtype=np.int64),
+        valid=np.array([f["valid"] for f in features], dtype=bool),
+    )
+    tmp.replace(path)
+
+
+def load_features(path: str | Path) -> list[dict]:
+    with np.load(path, allow_pickle=False) as data:
+        return [
+            {
+                "struct_fp": None if np.isnan(data["struct_fp"][i]).all() else data["struct_fp"][i],
+                "comp_fp": data["comp_fp"][i],
+                "density": float(data["density"][i]),
+                "num_elements": int(data["num_elements"][i]),
+                "valid": bool(data["valid"][i]),
+            }
+            for i in range(len(data["valid"]))
+        ]
+
+
+def magpie_source() -> str:
+    """Which elemental table composition fingerprints use (part of any cache key)."""
+    try:
+        import matminer  # noqa: F401
+
+        return "matminer"
+    except ImportError:
+        return "pymatgen"
+
+
 # --- the metrics -------------------------------------------------------------------------------------
 def dataset_name(hint: str) -> str:
     """CDVAE dataset name from a path or name: perov_5, carbon_24 or mp_20 (the default)."""

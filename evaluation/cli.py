@@ -158,14 +158,31 @@ def _check_resume_settings(out: Path, cfg) -> None:
 
 
 def _cdvae(items, test_split, dataset, comp_scaler, cfg, progress) -> dict:
-    from xtalgen.evaluation.cdvae_metrics import CompositionScaler, cdvae_metrics, dataset_name
+    from xtalgen.evaluation.cdvae_metrics import (
+        CompositionScaler,
+        cdvae_metrics,
+        dataset_name,
+        featurize,
+        load_features,
+        magpie_source,
+        save_features,
+    )
+    from xtalgen.evaluation.hull import default_cache_dir, reference_key
     from xtalgen.evaluation.inputs import iter_structures
 
     name = dataset or dataset_name(str(test_split))
-    test = [i.structure for i in iter_structures(test_split, split="test") if i.structure is not None]
+    # The test split's fingerprints are the slow part (CrystalNN on every site): cached by content.
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache = cache_dir / "cdvae" / f"{reference_key(test_split)}-{magpie_source()}.npz"
+    if cache.exists():
+        test_features = load_features(cache)
+    else:
+        test = [i.structure for i in iter_structures(test_split, split="test") if i.structure is not None]
+        test_features = featurize(test, cfg.workers, progress)
+        save_features(cache, test_features)
     scaler = CompositionScaler.load(comp_scaler) if comp_scaler else None
-    return cdvae_metrics([i.structure for i in items], test, name, comp_scaler=scaler,
-                         workers=cfg.workers, progress=progress)
+    return cdvae_metrics([i.structure for i in items], [], name, comp_scaler=scaler,
+                         workers=cfg.workers, progress=progress, test_features=test_features)
 
 
 def _write_csv(rows: list[dict], path: Path, exclude: set[str]) -> None:
