@@ -115,3 +115,13 @@ def test_batched_relaxation_follows_the_serial_trajectories(perov_val):
         assert batched[i].steps == serial[i].steps
         assert batched[i].energy_per_atom == pytest.approx(serial[i].energy_per_atom, abs=1e-5)
         assert batched[i].structure.lattice.abc == pytest.approx(serial[i].structure.lattice.abc, abs=1e-4)
+
+
+def test_bulk_modulus_proxy_of_rock_salt():
+    """Birch-Murnaghan fit of CHGNet energies for NaCl: experiment gives ~25 GPa."""
+    from xtalgen.evaluation.properties import bulk_modulus
+    from xtalgen.evaluation.relax import load_potential
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    modulus = bulk_modulus(nacl.get_primitive_structure(), load_potential("chgnet"))
+    assert 15.0 < modulus < 40.0
