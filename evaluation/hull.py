@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -78,29 +79,56 @@ def compute_elemental_references(
     *,
     fmax: float = 0.05,
     steps: int = 300,
+    workers: int = 1,
+    batch: int = 8,
     progress: bool = False,
 ) -> dict[str, dict]:
     """{symbol: {"energy_per_atom", "prototype"}} for `elements`, computing only what the cache
-    (`cache_dir/elemental/<potential>.json`) lacks, and saving after each element."""
+    (`cache_dir/elemental/<potential>.json`) lacks; an element is saved as soon as all of its
+    candidates are done. Cell relaxations go through `relax_many` (batched; a process pool when
+    `workers > 1`), the molecules in a box one by one with the cell fixed."""
+    from xtalgen.evaluation.relax import relax_many
+
     path = Path(cache_dir or default_cache_dir()) / "elemental" / f"{potential.name}.json"
     cache: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
     missing = sorted(set(elements) - set(cache))
-    if missing:
-        from tqdm.auto import tqdm
+    if not missing:
+        return {s: cache[s] for s in elements if s in cache}
+    from tqdm.auto import tqdm
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for symbol in tqdm(missing, desc="elemental references", disable=not progress):
-            best: dict | None = None
-            for name, (structure, relax_cell) in elemental_prototypes(symbol).items():
-                try:
-                    result = potential.relax(structure, fmax=fmax, steps=steps, relax_cell=relax_cell)
-                except Exception:  # a prototype the potential cannot handle is just not a candidate
-                    continue
-                if np.isfinite(result.energy_per_atom) and (best is None or result.energy_per_atom < best["energy_per_atom"]):
-                    best = {"energy_per_atom": result.energy_per_atom, "prototype": name}
-            if best is not None:
-                cache[symbol] = best
-                _write_json_atomic(path, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidates = [  # (symbol, prototype name, structure, relax the cell?)
+        (symbol, name, structure, relax_cell)
+        for symbol in missing
+        for name, (structure, relax_cell) in elemental_prototypes(symbol).items()
+    ]
+    remaining = Counter(symbol for symbol, *_ in candidates)
+    best: dict[str, dict] = {}
+    bar = tqdm(total=len(candidates), desc="elemental references", disable=not progress)
+
+    def record(k: int, result) -> None:
+        symbol, name = candidates[k][:2]
+        energy = result.energy_per_atom if result is not None else float("nan")
+        if np.isfinite(energy) and (symbol not in best or energy < best[symbol]["energy_per_atom"]):
+            best[symbol] = {"energy_per_atom": energy, "prototype": name}
+        remaining[symbol] -= 1
+        if remaining[symbol] == 0 and symbol in best:
+            cache[symbol] = best[symbol]
+            _write_json_atomic(path, cache)
+        bar.update()
+
+    cells = [(k, c[2]) for k, c in enumerate(candidates) if c[3]]
+    target = potential.name if workers > 1 else potential
+    for k, result, _error in relax_many(cells, target, workers=workers, fmax=fmax, steps=steps, batch=batch):
+        record(k, result)  # a prototype the potential cannot handle is just not a candidate
+    for k, (_, _, structure, relax_cell) in enumerate(candidates):
+        if relax_cell:
+            continue
+        try:
+            record(k, potential.relax(structure, fmax=fmax, steps=steps, relax_cell=False))
+        except Exception:  # as above
+            record(k, None)
+    bar.close()
     return {s: cache[s] for s in elements if s in cache}
 
 

@@ -320,7 +320,8 @@ def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, prog
         notes.append(f"elemental references from {cfg.elemental_reference}")
     elif elements:
         computed = hull_lib.compute_elemental_references(
-            elements, models.model, cache_dir, fmax=cfg.relax_fmax, steps=cfg.relax_steps, progress=progress
+            elements, models.model, cache_dir, fmax=cfg.relax_fmax, steps=cfg.relax_steps,
+            workers=cfg.workers, batch=cfg.relax_batch, progress=progress,
         )
         elemental = {s: v["energy_per_atom"] for s, v in computed.items()}
         notes.append(f"elemental references: built-in prototypes relaxed with {cfg.potential}")
