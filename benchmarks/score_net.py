@@ -106,7 +106,7 @@ def time_xtalgen(
             cpu_seconds += cpu_elapsed
             structures += batch.num_structures
             atoms += batch.num_atoms_total
-            losses.append(float(loss))
+            losses.append(loss.item())
     if profile:
         profile_step(model, batches[-1])
     timed = len(batches) - warmup
