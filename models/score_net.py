@@ -13,10 +13,11 @@ fractional coordinates, lattice and diffusion time t; optionally property condit
 
 Why this design rather than MatterGen's GemNet-dT: GemNet's directional information comes from
 triplets (about 2,400 per atom at 7 Å / 50 neighbours), and 63% of its time goes into 512x512
-per-edge matmuls. Here the per-edge work is elementwise, O(edges x H) (a filter from the radial
-basis and a gather-multiply-scatter), while the O(H^2) matmuls run once per atom, ~50x fewer rows
-than per edge. Directional information is carried by equivariant vector features instead of
-angles, so no triplets are enumerated at all, and the network gets many more layers/width per FLOP.
+per-edge matmuls. Here the per-edge work is elementwise, O(edges x H_e) (a filter from the radial
+basis and a gather-multiply-scatter at H_e edge channels, narrower than the atoms' H), while the
+O(H^2) and O(H x H_e) matmuls run once per atom, ~50x fewer rows than per edge. Directional
+information is carried by equivariant vector features instead of angles, so no triplets are
+enumerated at all, and the network gets many more layers/width per FLOP.
 
 The periodic graph (cutoff 7 Å, at most 50 nearest neighbours) is rebuilt from the noisy structure
 on every forward pass, after wrapping fractional coordinates into [0, 1): the outputs do not depend
@@ -48,15 +49,16 @@ NUM_ELEMENTS = 100
 MASK_TOKEN = 0
 
 # Architecture presets; `xtalgen model info` prints their real parameter counts:
-# debug 1.07M, base 47.4M (MatterGen's GemNet-dT: 44.6M), large 308M, xl 1.07B.
-# Parameters sit in per-atom H x H matmuls (~13 H^2 per layer) while per-edge work is ~22 H
-# elementwise per layer, so for a parameter budget P the edge cost scales as P / H: the larger presets
-# are wide rather than deep (base: 4 blocks, like MatterGen's).
+# debug 1.02M, base 44.8M (MatterGen's GemNet-dT: 44.6M), large 296M, xl 1.02B.
+# Parameters sit in per-atom matmuls (~10 H^2 + 6 H H_e per layer) while the per-edge work is
+# elementwise at the edge width H_e (memory-bound, ~50 edges per atom), so the edge cost is set by
+# H_e alone and the atom width H buys parameters cheaply. The larger presets are wide rather than
+# deep (base: 4 blocks, like MatterGen's).
 PRESETS: dict[str, dict] = {
-    "debug": {"hidden": 128, "num_layers": 4, "num_rbf": 32},
-    "base": {"hidden": 896, "num_layers": 4, "num_rbf": 32},
-    "large": {"hidden": 1664, "num_layers": 8, "num_rbf": 64},
-    "xl": {"hidden": 2560, "num_layers": 12, "num_rbf": 64},
+    "debug": {"hidden": 128, "edge_hidden": 64, "num_layers": 4, "num_rbf": 32},
+    "base": {"hidden": 960, "edge_hidden": 128, "num_layers": 4, "num_rbf": 32},
+    "large": {"hidden": 1792, "edge_hidden": 256, "num_layers": 8, "num_rbf": 64},
+    "xl": {"hidden": 2752, "edge_hidden": 384, "num_layers": 12, "num_rbf": 64},
 }
 
 
@@ -68,7 +70,11 @@ class ScoreOutput:
 
 
 def resolve_architecture(cfg: ScoreNetConfig) -> dict:
-    """Preset values, overridden by the config's explicit (> 0) fields."""
+    """Preset values, overridden by the config's explicit (> 0) fields.
+
+    The preset's edge width is capped at `hidden` (a narrow override such as `hidden=32` gets 32 edge
+    channels); an explicit `edge_hidden` is used as given.
+    """
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown score-net preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     arch = dict(PRESETS[cfg.preset])
@@ -76,6 +82,7 @@ def resolve_architecture(cfg: ScoreNetConfig) -> dict:
         value = getattr(cfg, key)
         if value > 0:
             arch[key] = value
+    arch["edge_hidden"] = cfg.edge_hidden if cfg.edge_hidden > 0 else min(arch["edge_hidden"], arch["hidden"])
     return arch
 
 
@@ -94,8 +101,10 @@ class ScoreNetwork(nn.Module):
                 f"message-passing backend {cfg.backend!r} is not registered; available: {available_backends()}"
             )
         hidden, num_layers, num_rbf = arch["hidden"], arch["num_layers"], arch["num_rbf"]
+        edge_hidden = arch["edge_hidden"]
         self.cfg = cfg
         self.hidden = hidden
+        self.edge_hidden = edge_hidden
         self.cutoff = float(cfg.cutoff)
         self.max_neighbors = int(cfg.max_neighbors)
 
@@ -103,7 +112,10 @@ class ScoreNetwork(nn.Module):
         self.time_embedding = TimeEmbedding(hidden)
         self.conditioning = ConditionEmbedding(conditions, hidden, condition_dropout) if conditions else None
         self.rbf = GaussianRBF(num_rbf, self.cutoff)
-        self.layers = nn.ModuleList([PaiNNLayer(hidden, num_rbf, cfg.backend) for _ in range(num_layers)])
+        # The first layer sees all-zero vector features (they start at zero): no vector-to-vector term.
+        self.layers = nn.ModuleList(
+            [PaiNNLayer(hidden, num_rbf, edge_hidden, cfg.backend, vector_input=i > 0) for i in range(num_layers)]
+        )
         self.adapters: nn.ModuleList | None = None
         # Recompute each layer in the backward pass instead of keeping its per-edge activations
         # (the large presets' memory); the trainer switches it on. Results are identical.
@@ -118,9 +130,10 @@ class ScoreNetwork(nn.Module):
         self.type_head = mlp(hidden, hidden, NUM_ELEMENTS)
         self.coord_gate = mlp(hidden, hidden, hidden)
         self.coord_out = nn.Linear(hidden, 1, bias=False)
-        self.edge_src = nn.Linear(hidden, hidden)
-        self.edge_rbf = nn.Linear(num_rbf, hidden, bias=False)
-        self.edge_weight = nn.Linear(hidden, 1)
+        # The lattice head's edge MLP is per-edge work too: it runs at the edge width.
+        self.edge_src = nn.Linear(hidden, edge_hidden)
+        self.edge_rbf = nn.Linear(num_rbf, edge_hidden, bias=False)
+        self.edge_weight = nn.Linear(edge_hidden, 1)
         self.iso_head = mlp(hidden, hidden, 1)
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -211,10 +224,10 @@ class ScoreNetwork(nn.Module):
 
     def _lattice_readout(self, s, rbf, unit_vec, source, target, batch_index, num_structures):
         """(B, 3, 3): mean_e w_e r_hat r_hat^T + mean_atoms(iso) * I, both per structure."""
-        # The H x H projection runs per atom, not per edge (it is linear, so it commutes with the
-        # gather): per-edge work stays O(E x H).
-        node_proj = nn.functional.linear(s, self.edge_src.weight)  # (N, H)
-        pair = node_proj[source] + node_proj[target] + self.edge_src.bias  # (E, H)
+        # The H -> H_e projection runs per atom, not per edge (it is linear, so it commutes with the
+        # gather): per-edge work stays O(E x H_e).
+        node_proj = nn.functional.linear(s, self.edge_src.weight)  # (N, H_e)
+        pair = node_proj[source] + node_proj[target] + self.edge_src.bias  # (E, H_e)
         edge_hidden = nn.functional.silu(pair * self.edge_rbf(rbf))
         weight = self.edge_weight(edge_hidden)  # (E, 1)
         # r_hat r_hat^T first: it is exactly symmetric in floating point, and so is its weighted sum.

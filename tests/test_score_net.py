@@ -262,7 +262,8 @@ def test_backend_from_config_is_used_and_unknown_backends_are_refused(perov_val)
     batch = flat_batch(structures_from_csv(perov_val, 2))
     reference = _run(_net(SMALL), batch)
     out = _run(_net(replace(SMALL, backend="test-recording")), batch)
-    assert len(calls) == 3 * SMALL.num_layers  # scalar, vector and directional messages per layer
+    # the scalar message per layer; the vector and directional terms share one hand-fused scatter
+    assert len(calls) == SMALL.num_layers
     assert torch.equal(out.coord_vectors, reference.coord_vectors)
     with pytest.raises(ValueError, match="not registered"):
         build_score_net(replace(SMALL, backend="no-such-kernel"))
@@ -284,29 +285,34 @@ def test_preset_sizes():
     # the meta-device count is the count of the real module
     assert counts["debug"] == count_parameters(build_score_net(ScoreNetConfig(preset="debug")))
     cfg = ScoreNetConfig(preset="debug", hidden=40, num_layers=3, num_rbf=8)
-    assert count_parameters(build_score_net(cfg)) == _analytic_count(40, 3, 8)
+    assert count_parameters(build_score_net(cfg)) == _analytic_count(40, 3, 8, 40)  # edge width capped at hidden
+    cfg = ScoreNetConfig(preset="debug", hidden=40, num_layers=3, num_rbf=8, edge_hidden=16)
+    assert count_parameters(build_score_net(cfg)) == _analytic_count(40, 3, 8, 16)
 
 
-def _analytic_count(h: int, layers: int, k: int) -> int:
+def _analytic_count(h: int, layers: int, k: int, he: int) -> int:
     """Hand count of the architecture, to catch silent changes to it."""
     linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
     mlp = lambda i, m, o: linear(i, m) + linear(m, o)  # noqa: E731
     per_layer = (
         2 * h  # LayerNorm
         + linear(h, 2 * h)  # FiLM
-        + mlp(h, h, 3 * h)  # phi
-        + linear(k, 3 * h)  # filter
+        + mlp(h, h, 3 * he)  # phi
+        + linear(k, 3 * he)  # filter
+        + linear(h, he, bias=False) + linear(he, h) + linear(he, h, bias=False)  # into / out of the edge width
         + linear(h, 2 * h, bias=False)  # U, V
         + mlp(2 * h, h, 3 * h)  # update
     )
+    # the first layer's vector features are zero: no vector-to-vector term (phi, filter, projection)
+    first_layer_saving = he * (h + 1) + he * (k + 1) + h * he
     embeddings = 101 * h + mlp(256, h, h)  # atom types (with mask) + time
     heads = (
         2 * h  # final LayerNorm
         + mlp(h, h, 100)  # types
         + mlp(h, h, h) + linear(h, 1, bias=False)  # coordinates
-        + linear(h, h) + linear(k, h, bias=False) + linear(h, 1) + mlp(h, h, 1)  # lattice
+        + linear(h, he) + linear(k, he, bias=False) + linear(he, 1) + mlp(h, h, 1)  # lattice
     )
-    return embeddings + layers * per_layer + heads
+    return embeddings + layers * per_layer - first_layer_saving + heads
 
 
 def test_model_info_cli_prints_real_counts():

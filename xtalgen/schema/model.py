@@ -11,6 +11,7 @@ class ScoreNetConfig:
     hidden: int = 0
     num_layers: int = 0
     num_rbf: int = 0
+    edge_hidden: int = 0  # channels of the per-edge message (0 = the preset's, at most `hidden`)
     cutoff: float = 7.0  # Å, MatterGen
     max_neighbors: int = 50  # MatterGen
     backend: str = "torch"  # torch (reference, CPU) | triton (fused GPU)
