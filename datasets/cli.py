@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from xtalgen.argparse_util import IntermixedParser
+
 RAW = argparse.RawDescriptionHelpFormatter
 
 DATA_EPILOG = """examples:
@@ -35,21 +37,6 @@ A killed build resumes when the same command is run again.
 """
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Accepts positionals after options (`--out DIR shard.workers=4`), as people type overrides.
-    argparse only does this through parse_known_intermixed_args, which calls back into
-    parse_known_args; the flag routes that inner call to the plain implementation."""
-
-    _inner = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inner:
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
 
 
 def register(subparsers) -> None:
@@ -82,7 +69,7 @@ def _register_shard(subparsers) -> None:
     shard = subparsers.add_parser("shard", help="build, verify, inspect and subset shard sets",
                                   description="Build, verify, inspect and subset shard sets.",
                                   epilog=SHARD_EPILOG, formatter_class=RAW)
-    sub = shard.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", parser_class=_IntermixedParser)
+    sub = shard.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", parser_class=IntermixedParser)
 
     build = sub.add_parser("build", help="validate inputs and write LMDB or WebDataset shards",
                            description="Read, validate and shard crystal structures (parallel, "

@@ -32,23 +32,6 @@ CSV_FIRST_COLUMNS = [
 ]
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Accepts `KEY=VALUE` overrides after options (`--out DIR relax_steps=300`).
-
-    argparse does this only through parse_known_intermixed_args, which calls back into
-    parse_known_args; the flag routes that inner call to the plain implementation.
-    """
-
-    _inner = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inner:
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
 
 
 def register(subparsers) -> None:
@@ -60,7 +43,6 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.__class__ = _IntermixedParser  # the top-level parser creates plain ArgumentParsers
     parser.add_argument("input", help="sampling output folder, CIF folder, extxyz, CSV or shard set")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. evaluate.relax_steps=300 (the `evaluate.` prefix is optional)")

@@ -24,23 +24,6 @@ whatever the number of ranks.
 _SECTIONS = ("data", "model", "train", "sample", "evaluate")
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Accepts positionals after options (`--out DIR sample.coord_snr=0.3`), as people type overrides.
-
-    argparse does this only through parse_known_intermixed_args, which calls back into
-    parse_known_args; the flag routes that inner call to the plain implementation.
-    """
-
-    _inner = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inner:
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
 
 
 def register(subparsers) -> None:
@@ -51,8 +34,6 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    # The top-level parser builds plain ArgumentParsers for its commands; this one parses intermixed.
-    parser.__class__ = _IntermixedParser
     parser.add_argument("checkpoint", nargs="?", help="single-file model (model.pt) or a run directory")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. sample.coord_snr=0.3 (the `sample.` prefix is optional)")

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from xtalgen.argparse_util import IntermixedParser
+
 # (command names, module that registers them). Order is the order of `xtalgen --help`.
 COMMAND_MODULES: list[tuple[tuple[str, ...], str]] = [
     (("quickstart",), "xtalgen.quickstart"),
@@ -36,7 +38,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Every command accepts its key=value overrides anywhere after the command name.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=IntermixedParser)
     for names, module_name in COMMAND_MODULES:
         if only is not None and only not in names:
             continue

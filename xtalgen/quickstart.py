@@ -83,7 +83,7 @@ def _print_summary(out: Path, run_dir: Path, model: Path, samples: Path, evaluat
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     summary = json.loads((evaluation / "summary.json").read_text())
     rates = {k: summary.get(k) for k in ("valid_rate", "unique_rate", "novel_rate", "stable_rate", "sun_rate")}
-    print("\n==> quickstart finished in %.0f s" % seconds)
+    print(f"\n==> quickstart finished in {seconds:.0f} s")
     if losses:
         print(f"    training loss  first {losses[0]:.3f} -> last {losses[-1]:.3f} ({len(losses)} logged steps)")
     for name, value in rates.items():
