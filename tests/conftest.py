@@ -30,3 +30,16 @@ def perov_val(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def carbon_val(shared_data) -> Path:
     return shared_data / "carbon_24" / "val.csv"
+
+
+@pytest.fixture(scope="module")
+def restore_launcher_environment():
+    """Put back RANK/WORLD_SIZE/MASTER_* after a module that trains in-process (which exports them)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

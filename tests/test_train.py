@@ -8,7 +8,6 @@ test_train_model.py.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 
@@ -36,17 +35,8 @@ def records(perov_val):
     return read_csv_records(str(perov_val), 40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_launcher_environment():
-    """In-process training exports RANK/MASTER_PORT/...; later tests' subprocesses must not inherit them."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {name: os.environ.get(name) for name in names}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+# In-process training exports RANK/MASTER_PORT/...; later tests' subprocesses must not inherit them.
+pytestmark = pytest.mark.usefixtures("restore_launcher_environment")
 
 
 def make_trainer(records, run_dir, *overrides) -> Trainer:

@@ -7,7 +7,6 @@ resume of the real data stream and model noise, and consolidation into a loadabl
 from __future__ import annotations
 
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -24,17 +23,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_launcher_environment():
-    """In-process training exports RANK/MASTER_PORT/...; later tests' subprocesses must not inherit them."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {name: os.environ.get(name) for name in names}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+# In-process training exports RANK/MASTER_PORT/...; later tests' subprocesses must not inherit them.
+pytestmark = pytest.mark.usefixtures("restore_launcher_environment")
 
 
 @pytest.fixture(scope="module")
