@@ -69,6 +69,18 @@ class _Batcher:
         self.condition.notify_all()
 
 
+# A cell relaxation that runs away (a collapsing cell, or one blowing up around a molecule) makes the
+# potential's neighbour graph, and its memory, grow without bound; such a relaxation is stopped.
+MIN_VOLUME_PER_ATOM = 1.0  # Å³; dense metals are ~10, nothing physical is below ~3
+MAX_VOLUME_PER_ATOM = 1000.0
+
+
+def check_cell_is_physical(structure: Structure) -> None:
+    volume_per_atom = structure.volume / len(structure)
+    if not MIN_VOLUME_PER_ATOM <= volume_per_atom <= MAX_VOLUME_PER_ATOM:
+        raise ValueError(f"relaxation ran away: {volume_per_atom:.3g} Å³ per atom")
+
+
 class _BatchedCalculator(Calculator):
     """ASE calculator whose evaluations go through a `_Batcher` (results as CHGNetCalculator's)."""
 
@@ -82,6 +94,7 @@ class _BatchedCalculator(Calculator):
     def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         structure = AseAtomsAdaptor.get_structure(atoms)
+        check_cell_is_physical(structure)
         prediction = self.batcher.evaluate(structure)
         extensive = len(structure) if self.batcher.model.is_intensive else 1
         self.results = {

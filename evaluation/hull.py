@@ -49,6 +49,13 @@ def default_cache_dir() -> Path:
 def elemental_prototypes(symbol: str) -> dict[str, tuple[Structure, bool]]:
     """Candidate cells of one element: name -> (structure, relax the cell?). Sizes from the
     element's radius; relaxation sets the real lattice constant."""
+    if symbol in DIATOMIC_GASES:
+        # The reference state is the molecule. Solid prototypes of these elements are not
+        # meaningful, and their cell relaxations run away.
+        box = 10.0  # Å: images beyond the potential's cutoff, so the molecule is isolated
+        bond = DIATOMIC_GASES[symbol] / box
+        dimer = Structure(Lattice.cubic(box), [symbol] * 2, [[0.5 - bond / 2, 0.5, 0.5], [0.5 + bond / 2, 0.5, 0.5]])
+        return {"dimer": (dimer, False)}
     element = Element(symbol)
     radius = float(element.atomic_radius or element.atomic_radius_calculated or 1.5)
     candidates = {
@@ -63,13 +70,7 @@ def elemental_prototypes(symbol: str) -> dict[str, tuple[Structure, bool]]:
         "sc": Structure(Lattice.cubic(2 * radius), [symbol], [[0, 0, 0]]),
     }
     # Primitive cells: fewer atoms, same energy per atom, cheaper relaxations.
-    out = {name: (s.get_primitive_structure(), True) for name, s in candidates.items()}
-    if symbol in DIATOMIC_GASES:
-        box = 10.0  # Å: images beyond the potential's cutoff, so the molecule is isolated
-        bond = DIATOMIC_GASES[symbol] / box
-        dimer = Structure(Lattice.cubic(box), [symbol] * 2, [[0.5 - bond / 2, 0.5, 0.5], [0.5 + bond / 2, 0.5, 0.5]])
-        out["dimer"] = (dimer, False)
-    return out
+    return {name: (s.get_primitive_structure(), True) for name, s in candidates.items()}
 
 
 def compute_elemental_references(
