@@ -102,7 +102,7 @@ class _Potentials:
     """Loads the potential once, on first use (the cheap mode never loads it)."""
 
     def __init__(self, cfg: EvaluateConfig, given: Potential | None):
-        self.cfg, self._model = cfg, given
+        self.cfg, self._model, self._given = cfg, given, given is not None
 
     @property
     def model(self) -> Potential:
@@ -113,7 +113,9 @@ class _Potentials:
     @property
     def relax_target(self) -> str | Potential:
         """What relax_many gets: the registry name for a process pool, else the loaded model."""
-        if self.cfg.workers > 1 and self._model is None:
+        # By name even when this process has loaded the model already (e.g. for the elemental
+        # references): pool workers load their own copy.
+        if self.cfg.workers > 1 and not self._given:
             return self.cfg.potential
         return self.model
 

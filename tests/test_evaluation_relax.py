@@ -125,3 +125,16 @@ def test_bulk_modulus_proxy_of_rock_salt():
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     modulus = bulk_modulus(nacl.get_primitive_structure(), load_potential("chgnet"))
     assert 15.0 < modulus < 40.0
+
+
+def test_process_pool_gets_the_potential_by_name_even_after_this_process_loaded_it():
+    """The hull stage loads the model for elemental references before relaxing the reference set
+    over a pool; the pool must still get the registry name (a loaded model cannot be shipped)."""
+    from xtalgen.evaluation.pipeline import _Potentials
+    from xtalgen.schema import EvaluateConfig
+
+    models = _Potentials(EvaluateConfig(workers=2), None)
+    assert models.relax_target == "chgnet"
+    models.model  # noqa: B018 - loads CHGNet in this process
+    assert models.relax_target == "chgnet"
+    assert _Potentials(EvaluateConfig(workers=1), None).relax_target is not None
