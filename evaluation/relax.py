@@ -10,6 +10,7 @@ caller can append them to a resumable log.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import multiprocessing as mp
@@ -74,19 +75,19 @@ def cpu_threads(torch_threads: int = 1) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class Potential:
+class Potential(abc.ABC):
     """Interface of an interatomic potential used by the evaluator."""
 
     name = "base"
 
+    @abc.abstractmethod
     def relax(
         self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
-    ) -> RelaxResult:
-        raise NotImplementedError
+    ) -> RelaxResult: ...
 
+    @abc.abstractmethod
     def energies_per_atom(self, structures: Sequence[Structure]) -> list[float]:
         """Single-point energies (eV/atom), no relaxation."""
-        raise NotImplementedError
 
 
 def displacement_rmsd(initial: Structure, relaxed: Structure) -> float:
