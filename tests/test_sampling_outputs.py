@@ -192,13 +192,18 @@ def test_recovery_drops_a_torn_batch_and_keeps_committed_ones(tmp_path, perov_st
     assert committed_batches(tmp_path, plan) == {0, 1, 2}
 
 
+def _single_rank_reference(out_dir, plan, structures):
+    """All batches written by one rank and merged: the bytes every multi-rank run must reproduce."""
+    writer = PartWriter(out_dir, plan)
+    for batch in range(plan.num_batches):
+        _write(writer, plan, batch, structures)
+    merge_parts(out_dir, plan)
+    return out_dir
+
+
 def test_rank_parts_merge_to_the_single_rank_bytes(tmp_path, perov_structures):
     plan = SamplingPlan(len(perov_structures), 2)
-    single = tmp_path / "single"
-    writer = PartWriter(single, plan)
-    for batch in range(plan.num_batches):
-        _write(writer, plan, batch, perov_structures)
-    merge_parts(single, plan)
+    single = _single_rank_reference(tmp_path / "single", plan, perov_structures)
 
     multi = tmp_path / "multi"
     writers = [PartWriter(multi, plan, rank=r, world_size=3) for r in range(3)]
@@ -296,11 +301,7 @@ def test_frame_ids_fast_path_and_ase_fallback(tmp_path):
 
 def test_merge_interrupted_between_its_two_renames_completes_on_rerun(tmp_path, perov_structures):
     plan = SamplingPlan(len(perov_structures), 2)
-    single = tmp_path / "single"
-    writer = PartWriter(single, plan)
-    for batch in range(plan.num_batches):
-        _write(writer, plan, batch, perov_structures)
-    merge_parts(single, plan)
+    single = _single_rank_reference(tmp_path / "single", plan, perov_structures)
 
     multi = tmp_path / "multi"
     writers = [PartWriter(multi, plan, rank=r, world_size=2) for r in range(2)]
