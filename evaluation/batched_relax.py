@@ -120,7 +120,7 @@ def relax_batched(
     from ase.optimize import FIRE
     from chgnet.model.dynamics import TrajectoryObserver
 
-    from xtalgen.evaluation.relax import RelaxResult, displacement_rmsd
+    from xtalgen.evaluation.relax import RelaxResult, relax_result
 
     todo: queue.Queue = queue.Queue()
     for position in range(len(structures)):
@@ -141,17 +141,7 @@ def relax_batched(
         relaxed = AseAtomsAdaptor.get_structure(atoms)
         magmoms = [float(m) for m in atoms.get_magnetic_moments()]
         relaxed.add_site_property("magmom", magmoms)
-        n_atoms = len(structure)
-        steps_taken = max(len(observer.energies) - 2, 0)  # start, each step, and once at the end
-        return RelaxResult(
-            structure=relaxed,
-            energy_per_atom=float(observer.energies[-1]) / n_atoms,
-            initial_energy_per_atom=float(observer.energies[0]) / n_atoms,
-            converged=steps_taken < steps,
-            steps=steps_taken,
-            rmsd=displacement_rmsd(structure, relaxed),
-            magmoms=magmoms,
-        )
+        return relax_result(structure, relaxed, observer.energies, steps, magmoms)
 
     def worker() -> None:
         try:

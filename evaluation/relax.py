@@ -90,6 +90,23 @@ class Potential(abc.ABC):
         """Single-point energies (eV/atom), no relaxation."""
 
 
+def relax_result(
+    initial: Structure, relaxed: Structure, energies: Sequence[float], max_steps: int, magmoms: list[float]
+) -> RelaxResult:
+    """A RelaxResult from a trajectory observer's total energies (start, each step, once at the end)."""
+    n_atoms = len(initial)
+    steps_taken = max(len(energies) - 2, 0)
+    return RelaxResult(
+        structure=relaxed,
+        energy_per_atom=float(energies[-1]) / n_atoms,
+        initial_energy_per_atom=float(energies[0]) / n_atoms,
+        converged=steps_taken < max_steps,
+        steps=steps_taken,
+        rmsd=displacement_rmsd(initial, relaxed),
+        magmoms=magmoms,
+    )
+
+
 def displacement_rmsd(initial: Structure, relaxed: Structure) -> float:
     """RMS displacement (Å) between the same atoms before and after an in-place relaxation.
 
@@ -136,20 +153,8 @@ class CHGNetPotential(Potential):
                 structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
             )
         relaxed: Structure = output["final_structure"]
-        trajectory = output["trajectory"]
-        n_atoms = len(structure)
-        # The observer records the start, every step, and once more at the end: steps = len - 2.
-        steps_taken = max(len(trajectory.energies) - 2, 0)
         magmoms = [float(m) for m in relaxed.site_properties.get("magmom", [])]
-        return RelaxResult(
-            structure=relaxed,
-            energy_per_atom=float(trajectory.energies[-1]) / n_atoms,
-            initial_energy_per_atom=float(trajectory.energies[0]) / n_atoms,
-            converged=steps_taken < steps,
-            steps=steps_taken,
-            rmsd=displacement_rmsd(structure, relaxed),
-            magmoms=magmoms,
-        )
+        return relax_result(structure, relaxed, output["trajectory"].energies, steps, magmoms)
 
 
     def relax_batch(
