@@ -89,6 +89,8 @@ class CrystalDiffusion(nn.Module):
         self.types = AbsorbingTypeProcess(diffusion_cfg.num_steps)
         self.coords = WrappedNormalCoordProcess(diffusion_cfg.coord_sigma_min, diffusion_cfg.coord_sigma_max)
         self.lattice = LatticeVPProcess(diffusion_cfg.lattice_beta_min, diffusion_cfg.lattice_beta_max, density)
+        if hasattr(score_net, "prior_density"):  # the network reads the cell against the prior's cube
+            score_net.prior_density = float(density)
         if condition_names is None:  # ask the network which properties it embeds
             conditioning = getattr(score_net, "conditioning", None)
             condition_names = getattr(conditioning, "names", ())

@@ -8,8 +8,26 @@ fractional coordinates, lattice and diffusion time t; optionally property condit
                           vector features
 * lattice_matrix (B, 3, 3) symmetric, equivariant as R S R^T: the mean over the structure's edges of
                           w_e r_e r_e^T / |r_e|^2 with invariant edge weights w_e, plus an isotropic
-                          term (mean over atoms) times the identity; means keep the scale independent
-                          of the number of atoms and edges
+                          term (mean over atoms) times the identity, plus a cell term
+                          c_0 I + c_1 (X - I) built from the noisy cell itself (see below); means keep
+                          the scale independent of the number of atoms and edges
+
+Why the cell term: the lattice target is std * score = -z, the noise that moved the cell away from
+(a blend of) the clean cell and the prior's cube. Edges alone see the cell only through distances
+below the cutoff, so a cell that has grown past it has no edges and gets no restoring output, and
+the reverse VP drift then multiplies its deviation by ~exp(int beta / 2) ~ 150 over a trajectory.
+The network therefore also reads the cell. With mu_N = (N / rho)^(1/3) the edge of the prior's cube
+(rho: the training mean density, set from the manifest by `CrystalDiffusion`), the Cartesian metric
+G = L^T L / mu_N^2 (sum of the outer products of the lattice vectors: it rotates as R G R^T) gives
+
+    X = G / sqrt(tr(G) / 3)          (B, 3, 3) equivariant, degree one in the cell's scale,
+
+which equals the cell (in units of mu_N) when the cell is a scaled cube, and I for the prior's mean.
+The coefficients c_0, c_1 come from an MLP of invariants: the time embedding, the mean atom scalars
+and three cell invariants (log of the linear scale against the prior's cube, and two shape
+measures), clamped so that far-out cells extrapolate linearly through X rather than through the
+MLP. A k x k x k supercell has the same X and invariants, so its lattice output is unchanged; no
+SVD is involved (cubic cells have degenerate singular values, where its gradient is undefined).
 
 Why this design rather than MatterGen's GemNet-dT: GemNet's directional information comes from
 triplets (about 2,400 per atom at 7 Å / 50 neighbours), and 63% of its time goes into 512x512
@@ -47,6 +65,13 @@ from xtalgen.schema.model import ConditionConfig, ScoreNetConfig
 
 NUM_ELEMENTS = 100
 MASK_TOKEN = 0
+# atoms/Å^3 of the lattice prior's cube until `CrystalDiffusion` sets the manifest's mean density
+# (Alex-MP-20: 0.0577).
+DEFAULT_PRIOR_DENSITY = 0.05
+NUM_CELL_INVARIANTS = 3
+# Clamp of the cell invariants fed to the coefficient MLP: beyond it a cell's output grows linearly
+# through X instead of extrapolating the MLP (a linear scale of e^2 ~ 7x the prior's cube).
+CELL_INVARIANT_LIMIT = 2.0
 
 # Architecture presets; `xtalgen model info` prints their real parameter counts:
 # debug 1.02M, base 44.8M (MatterGen's GemNet-dT: 44.6M), large 296M, xl 1.02B.
@@ -135,6 +160,10 @@ class ScoreNetwork(nn.Module):
         self.edge_rbf = nn.Linear(num_rbf, edge_hidden, bias=False)
         self.edge_weight = nn.Linear(edge_hidden, 1)
         self.iso_head = mlp(hidden, hidden, 1)
+        # The cell term: coefficients of I and (X - I) from invariants of the structure (docstring).
+        self.prior_density = DEFAULT_PRIOR_DENSITY
+        self.cell_embedding = mlp(NUM_CELL_INVARIANTS, hidden, hidden)
+        self.cell_head = mlp(3 * hidden, hidden, 2)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapters(self) -> None:
@@ -220,6 +249,7 @@ class ScoreNetwork(nn.Module):
         type_logits = self.type_head(s)  # (N, 100)
         coord_vectors = self.coord_out(v * self.coord_gate(s)[:, None, :]).squeeze(-1)  # (N, 3)
         lattice_matrix = self._lattice_readout(s, rbf, unit_geom, source, target, batch_index, num_structures)
+        lattice_matrix = lattice_matrix + self._cell_term(s, cond, lattice, num_atoms, batch_index)
         return ScoreOutput(type_logits, coord_vectors, lattice_matrix)
 
     def _lattice_readout(self, s, rbf, unit_vec, source, target, batch_index, num_structures):
@@ -246,6 +276,42 @@ class ScoreNetwork(nn.Module):
         iso = iso / atoms_per_struct[:, None].to(acc)  # (B, 1)
         eye = torch.eye(3, dtype=acc, device=s.device)
         return (aniso.view(-1, 3, 3) + iso[:, :, None] * eye).to(s.dtype)
+
+
+    def _cell_term(self, s, cond, lattice, num_atoms, batch_index):
+        """(B, 3, 3): c_0 I + c_1 (X - I) from the noisy cell itself (module docstring)."""
+        num_structures = lattice.shape[0]
+        geom = lattice.dtype  # >= float32
+        prior_edge = (num_atoms.to(geom) / self.prior_density) ** (1.0 / 3.0)  # (B,) mu_N, Å
+        unit_cell = lattice / prior_edge[:, None, None]  # (B, 3, 3) dimensionless
+        metric = unit_cell.transpose(1, 2) @ unit_cell  # (B, 3, 3) G = L^T L / mu^2, rotates as R G R^T
+        trace = metric.diagonal(dim1=1, dim2=2).sum(-1)  # (B,)
+        cell_x = metric / torch.sqrt(trace / 3)[:, None, None]  # (B, 3, 3) X
+        invariants = torch.stack(_cell_invariants(unit_cell, metric, trace), dim=-1)  # (B, 3)
+        invariants = invariants.clamp(-CELL_INVARIANT_LIMIT, CELL_INVARIANT_LIMIT).to(s.dtype)
+
+        atoms_per_struct = torch.bincount(batch_index, minlength=num_structures).clamp_min(1)
+        pooled = s.new_zeros(num_structures, s.shape[1]).index_add_(0, batch_index, s)
+        pooled = pooled / atoms_per_struct[:, None].to(s.dtype)  # (B, H) mean atom scalars
+        features = torch.cat([pooled, cond, self.cell_embedding(invariants)], dim=-1)  # (B, 3H)
+        coeff = self.cell_head(features).to(geom)  # (B, 2)
+        eye = torch.eye(3, dtype=geom, device=lattice.device)
+        term = coeff[:, 0, None, None] * eye + coeff[:, 1, None, None] * (cell_x - eye)
+        return (0.5 * (term + term.transpose(1, 2))).to(s.dtype)  # exactly symmetric
+
+
+def _cell_invariants(unit_cell: Tensor, metric: Tensor, trace: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rotation-invariant measures of a cell in units of the prior's cube edge, each (B,).
+
+    log_scale: log of the linear scale against the prior's cube, log(V / (N / rho)) / 3 (0 at the
+    prior's density); anisotropy: log(tr(G)/3) - log(det G)/3 >= 0 (AM-GM, 0 for a cube);
+    spread: 3 tr(G^2) / tr(G)^2 - 1 in [0, 2] (0 when the three lattice vectors' lengths agree).
+    """
+    log_volume = torch.log(torch.linalg.det(unit_cell).abs().clamp_min(1e-30))  # log(V / mu^3)
+    log_scale = log_volume / 3
+    anisotropy = torch.log(trace / 3) - 2 * log_volume / 3
+    spread = 3 * (metric * metric).sum((-1, -2)) / trace.square() - 1
+    return log_scale, anisotropy, spread
 
 
 def build_score_net(

@@ -106,17 +106,40 @@ def _supercell(batch: FlatBatch, reps=(2, 1, 2)) -> FlatBatch:
     )
 
 
-def test_supercell_gives_the_same_per_atom_and_lattice_outputs(carbon_val):
+@pytest.mark.parametrize("reps", [(2, 1, 2), (2, 2, 2)])
+def test_supercell_gives_the_same_per_atom_and_lattice_outputs(carbon_val, reps):
+    """Per-atom outputs are the same for any supercell. The lattice output too for a k x k x k one:
+    its cell term reads the cell in units of the prior's cube, (N / rho)^(1/3), which scales with it.
+    A (2, 1, 2) supercell changes the cell's shape, and so its lattice target: only the edge part of
+    the lattice output must stay the same there."""
     batch = jitter(flat_batch(structures_from_csv(carbon_val, 1, skip=5)), 0.02, torch.Generator().manual_seed(3))
     net = _net(ScoreNetConfig(preset="debug"))
     t = torch.tensor([0.3], dtype=torch.float64)
     cell = net(batch.atomic_numbers, batch.frac_coords, batch.lattice, batch.num_atoms, batch.batch_index, t)
-    sc = _supercell(batch)
+    sc = _supercell(batch, reps)
     big = net(sc.atomic_numbers, sc.frac_coords, sc.lattice, sc.num_atoms, sc.batch_index, t)
     copies = sc.frac_coords.shape[0] // batch.frac_coords.shape[0]
     torch.testing.assert_close(big.type_logits, cell.type_logits.repeat(copies, 1), rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(big.coord_vectors, cell.coord_vectors.repeat(copies, 1), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(big.lattice_matrix, cell.lattice_matrix, rtol=1e-9, atol=1e-10)
+    if len(set(reps)) == 1:
+        torch.testing.assert_close(big.lattice_matrix, cell.lattice_matrix, rtol=1e-9, atol=1e-10)
+    else:
+        edge_part = [
+            out.lattice_matrix - net._cell_term(*_cell_term_inputs(net, b, t))
+            for out, b in ((cell, batch), (big, sc))
+        ]
+        torch.testing.assert_close(edge_part[1], edge_part[0], rtol=1e-9, atol=1e-10)
+        assert not torch.allclose(big.lattice_matrix, cell.lattice_matrix)  # the cell term saw the shape
+
+
+def _cell_term_inputs(net, b: FlatBatch, t):
+    """Recompute the cell term's inputs (final atom scalars, conditioning) with hooks on the net."""
+    captured = {}
+    hook = net.final_norm.register_forward_hook(lambda m, i, o: captured.setdefault("s", o))
+    net(b.atomic_numbers, b.frac_coords, b.lattice, b.num_atoms, b.batch_index, t)
+    hook.remove()
+    cond = net.time_embedding(t)
+    return captured["s"], cond, b.lattice, b.num_atoms, b.batch_index
 
 
 def test_bfloat16_network_tracks_its_float32_copy(perov_val):
@@ -310,7 +333,8 @@ def _analytic_count(h: int, layers: int, k: int, he: int) -> int:
         2 * h  # final LayerNorm
         + mlp(h, h, 100)  # types
         + mlp(h, h, h) + linear(h, 1, bias=False)  # coordinates
-        + linear(h, he) + linear(k, he, bias=False) + linear(he, 1) + mlp(h, h, 1)  # lattice
+        + linear(h, he) + linear(k, he, bias=False) + linear(he, 1) + mlp(h, h, 1)  # lattice: edges, iso
+        + mlp(3, h, h) + mlp(3 * h, h, 2)  # lattice: cell invariants, coefficients of I and X - I
     )
     return embeddings + layers * per_layer - first_layer_saving + heads
 
