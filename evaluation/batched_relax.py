@@ -22,6 +22,8 @@ from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from xtalgen.evaluation.physical import check_relaxation_volume, volume_per_atom
+
 
 class _Batcher:
     """Collects evaluation requests from optimizer threads; runs them together when all wait."""
@@ -69,32 +71,23 @@ class _Batcher:
         self.condition.notify_all()
 
 
-# A cell relaxation that runs away (a collapsing cell, or one blowing up around a molecule) makes the
-# potential's neighbour graph, and its memory, grow without bound; such a relaxation is stopped.
-MIN_VOLUME_PER_ATOM = 1.0  # Å³; dense metals are ~10, nothing physical is below ~3
-MAX_VOLUME_PER_ATOM = 1000.0
-
-
-def check_cell_is_physical(structure: Structure) -> None:
-    volume_per_atom = structure.volume / len(structure)
-    if not MIN_VOLUME_PER_ATOM <= volume_per_atom <= MAX_VOLUME_PER_ATOM:
-        raise ValueError(f"relaxation ran away: {volume_per_atom:.3g} Å³ per atom")
-
-
 class _BatchedCalculator(Calculator):
     """ASE calculator whose evaluations go through a `_Batcher` (results as CHGNetCalculator's)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "magmoms"]
 
-    def __init__(self, batcher: _Batcher, stress_weight: float):
+    def __init__(self, batcher: _Batcher, stress_weight: float, start_volume_per_atom: float):
         super().__init__()
         self.batcher = batcher
         self.stress_weight = stress_weight  # GPa → eV/Å³, as CHGNetCalculator
+        self.start_volume_per_atom = start_volume_per_atom  # of the input cell (runaway guard)
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         structure = AseAtomsAdaptor.get_structure(atoms)
-        check_cell_is_physical(structure)
+        # A cell that runs away (collapsing, or blowing up around a molecule) makes the neighbour
+        # graph, and its memory, grow without bound: stopped before the model sees it.
+        check_relaxation_volume(self.start_volume_per_atom, volume_per_atom(structure))
         prediction = self.batcher.evaluate(structure)
         extensive = len(structure) if self.batcher.model.is_intensive else 1
         self.results = {
@@ -132,7 +125,7 @@ def relax_batched(
 
     def relax_one(structure: Structure) -> RelaxResult:
         atoms = AseAtomsAdaptor.get_atoms(structure)
-        atoms.calc = _BatchedCalculator(batcher, stress_weight)
+        atoms.calc = _BatchedCalculator(batcher, stress_weight, volume_per_atom(structure))
         observer = TrajectoryObserver(atoms)
         optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
         optimizer.attach(observer, interval=1)

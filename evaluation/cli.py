@@ -15,18 +15,26 @@ EPILOG = """examples:
   xtalgen evaluate samples --reference train.csv --test-split test.csv --dataset perov_5 --out eval
   xtalgen evaluate cifs/ --out eval --workers 2 evaluate.relax_steps=300  # dotted config overrides
   xtalgen evaluate samples --out eval evaluate.elemental_reference=mp_elemental_entries.json.gz
+  xtalgen data download mp_hull --out data/mp_hull                       # Materials Project entries
+  xtalgen evaluate samples --reference shards/mp20 --hull data/mp_hull --out eval   # hull of MP compounds
 
 INPUT is a sampling output folder (samples.jsonl + cifs/), a folder of CIFs, an extxyz file, a CSV
 with a `cif` column or a shard set. Outputs in --out: per_structure.csv, summary.json, PNG plots,
 and per_structure.jsonl - the log that makes a rerun continue an interrupted evaluation.
 Reference energies are cached under evaluate.cache_dir (default ~/.cache/xtalgen/evaluation),
 keyed by the reference's manifest hash, so a shard set is relaxed once for all evaluations.
+
+A structure is a physical cell when its volume per atom lies in the reference's range (+/- 20 %),
+or without a reference in the default band of 5-60 Å³/atom; other cells are not structurally
+valid and are not relaxed. Without a hull of real compounds (--hull or --reference) stability
+and SUN are reported as not assessed.
 """
 
 CSV_FIRST_COLUMNS = [
     "id", "formula", "chemical_system", "num_atoms", "num_elements", "valid", "struct_valid",
-    "struct_reason", "comp_valid", "min_distance", "volume", "density", "space_group", "relaxed",
-    "relax_converged", "relax_steps", "relax_error", "rmsd", "energy_per_atom", "e_above_hull",
+    "struct_reason", "physical_cell", "volume_per_atom", "struct_valid_cdvae", "comp_valid", "min_distance",
+    "volume", "density", "space_group", "relaxed", "relax_converged", "relax_steps", "relax_failure",
+    "relax_error", "rmsd", "energy_per_atom", "e_above_hull",
     "formation_energy_per_atom", "stable", "on_or_below_hull", "unique", "duplicate_of", "novel", "sun",
     "hhi_score", "mag_density",
 ]
@@ -48,6 +56,10 @@ def register(subparsers) -> None:
                         help="config overrides, e.g. evaluate.relax_steps=300 (the `evaluate.` prefix is optional)")
     parser.add_argument("--out", required=True, help="output directory (an existing one is resumed)")
     parser.add_argument("--reference", help="training structures (shard set, CSV, CIFs, extxyz) for novelty and hull")
+    parser.add_argument("--hull", help="convex-hull entries (ComputedEntry JSON, e.g. `xtalgen data download "
+                        "mp_hull`): the hull instead of the relaxed reference set")
+    parser.add_argument("--allow-elements-only-hull", action="store_true",
+                        help="assess stability even when the hull has elemental references only")
     parser.add_argument("--test-split", help="test structures (CSV or shard set) for the CDVAE metrics")
     parser.add_argument("--dataset", choices=["perov_5", "carbon_24", "mp_20"],
                         help="CDVAE coverage cutoffs (default: guessed from --test-split, else mp_20)")
@@ -73,13 +85,43 @@ def run(args: argparse.Namespace) -> int:
     if args.no_relax:
         overrides.append("evaluate.relax=false")
     cfg = load_config(args.config, overrides).evaluate
-    summary = run_evaluation(
-        args.input, args.out, cfg, reference=args.reference, test_split=args.test_split,
-        dataset=args.dataset, comp_scaler=args.comp_scaler, plots=not args.no_plots,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = run_evaluation(
+            args.input, args.out, cfg, reference=args.reference, test_split=args.test_split,
+            dataset=args.dataset, comp_scaler=args.comp_scaler, plots=not args.no_plots,
+            progress=not args.no_progress, hull=args.hull, allow_elements_only_hull=args.allow_elements_only_hull,
+        )
+    except InputError as exc:
+        print(f"xtalgen evaluate: error: {exc}", file=sys.stderr)
+        return 2
     _print_summary(summary, Path(args.out))
     return 0
+
+
+class InputError(ValueError):
+    """An input, reference or hull path that cannot be used; reported in one line."""
+
+
+def read_inputs(input_path: str | Path) -> list:
+    """Every structure at `input_path`; InputError when there is nothing to evaluate."""
+    from xtalgen.evaluation.inputs import iter_structures
+
+    path = Path(input_path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    try:
+        items = list(iter_structures(path))
+    except (ValueError, OSError) as exc:
+        raise InputError(str(exc)) from None
+    if not items:
+        raise InputError(f"{path} holds no structures to evaluate")
+    return items
+
+
+def _check_paths(**paths) -> None:
+    for option, value in paths.items():
+        if value is not None and not Path(value).exists():
+            raise InputError(f"--{option.replace('_', '-')} {value} does not exist")
 
 
 _SECTIONS = ("data", "model", "train", "sample", "evaluate")
@@ -96,21 +138,41 @@ def run_evaluation(
     comp_scaler: str | None = None,
     plots: bool = True,
     progress: bool = True,
+    hull: str | None = None,
+    allow_elements_only_hull: bool = False,
 ) -> dict:
-    """Everything `xtalgen evaluate` does; returns the summary written to summary.json."""
-    from xtalgen.evaluation.inputs import iter_structures
-    from xtalgen.evaluation.pipeline import RELAXED_KEY, evaluate_inputs
+    """Everything `xtalgen evaluate` does; returns the summary written to summary.json.
 
+    Raises InputError (before anything is written) when the input holds no structures or a path
+    does not exist."""
+    from xtalgen.evaluation.pipeline import RELAXED_KEY, evaluate_inputs, physical_band
+
+    started = time.perf_counter()
+    _check_paths(reference=reference, hull=hull, test_split=test_split, comp_scaler=comp_scaler)
+    items = read_inputs(input_path)
+    try:
+        band, band_source = physical_band(reference, cfg)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"--reference {reference}: {exc}") from None
+    hull_file = None
+    if hull is not None:
+        from xtalgen.evaluation.hull import HullFile, default_cache_dir
+
+        try:
+            hull_file = HullFile.load(hull, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), progress)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"--hull {hull}: {exc}") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_resume_settings(out, cfg)
-    started = time.perf_counter()
-    items = list(iter_structures(input_path))
+    _check_resume_settings(out, cfg, band)
     rows, summary = evaluate_inputs(
-        items, reference, cfg.relax, cfg=cfg, log_path=out / "per_structure.jsonl", progress=progress
+        items, reference, cfg.relax, cfg=cfg, log_path=out / "per_structure.jsonl", progress=progress,
+        hull=hull_file, allow_elements_only_hull=allow_elements_only_hull, volume_band=band,
     )
+    summary["physical_volume_per_atom_band_source"] = band_source
     summary["input"] = str(input_path)
     summary["reference"] = str(reference) if reference else None
+    summary["hull"] = str(hull) if hull else None
     if test_split:
         summary["cdvae"] = _cdvae(items, test_split, dataset, comp_scaler, cfg, progress)
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -123,11 +185,12 @@ def run_evaluation(
     return summary
 
 
-def _check_resume_settings(out: Path, cfg) -> None:
+def _check_resume_settings(out: Path, cfg, band: tuple[float, float]) -> None:
     """The per-structure log is reused on a rerun; refuse to mix results made with other settings."""
     from xtalgen.schema import ConfigError
 
     settings = {k: getattr(cfg, k) for k in ("potential", "relax", "relax_steps", "relax_fmax", "symprec")}
+    settings["physical_volume_per_atom_band"] = [round(float(b), 6) for b in band]
     path = out / "settings.json"
     if path.exists() and (out / "per_structure.jsonl").exists():
         previous = json.loads(path.read_text())
@@ -196,22 +259,52 @@ def _finite(value):
     return value
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def summary_lines(summary: dict) -> list[str]:
+    """The printed summary: rates with their counts, what was not assessed and why."""
+    n = summary["num_structures"]
+
     def pct(key: str) -> str:
         value = summary.get(key)
-        return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{100 * value:.1f}%"
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "n/a"
+        return f"{100 * value:.1f}%"
 
+    def num(value, fmt: str = ".3g") -> str:
+        return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+    band = summary.get("physical_volume_per_atom_band")
+    band_text = f"[{band[0]:.3g}, {band[1]:.3g}] Å³/atom, {summary.get('physical_volume_per_atom_band_source')}" if band else ""
     lines = [
-        f"evaluated {summary['num_structures']} structures in {summary['seconds']:.1f} s",
-        f"  valid {pct('valid_rate')} (structural {pct('struct_valid_rate')}, compositional {pct('comp_valid_rate')})",
+        f"evaluated {n} structures in {summary.get('seconds', 0.0):.1f} s",
+        f"  physical cell {pct('physical_cell_rate')} (volume per atom in {band_text}; "
+        f"median {num(summary.get('volume_per_atom_median'))}, max {num(summary.get('volume_per_atom_max'))} Å³/atom)",
+        f"  valid {pct('valid_rate')} (structural {pct('struct_valid_rate')} incl. physical cell, "
+        f"CDVAE structural {pct('struct_valid_cdvae_rate')}; compositional {pct('comp_valid_rate')})",
         f"  unique {pct('unique_rate')}   novel {pct('novel_rate')}",
     ]
-    if "stable_rate" in summary:
-        lines.append(f"  stable {pct('stable_rate')}   on/below hull {pct('on_or_below_hull_rate')}   SUN {pct('sun_rate')}")
+    if "relaxed_count" in summary:
+        reasons = summary.get("relax_failure_reasons") or {}
+        failed = ", ".join(f"{reason} {count}" for reason, count in reasons.items())
+        lines.append(f"  relaxed {summary['relaxed_count']} of {n} (converged {pct('relax_converged_rate')}); "
+                     f"not relaxed {summary.get('relax_failures', 0)}" + (f": {failed}" if failed else ""))
+        lines.append(f"  RMSD generated -> relaxed (Å): median {num(summary.get('rmsd_median'))}  "
+                     f"p90 {num(summary.get('rmsd_p90'))}  max {num(summary.get('rmsd_max'))}  "
+                     f"mean {num(summary.get('mean_rmsd'))}")
+    if "stability_assessed" in summary:
+        if summary["stability_assessed"]:
+            lines.append(f"  stable {pct('stable_rate')}   on/below hull {pct('on_or_below_hull_rate')}   "
+                         f"SUN {pct('sun_rate')}   (hull: {summary.get('hull_source')})")
+        else:
+            lines.append(f"  stable, SUN: not assessed ({summary.get('stability_not_assessed_reason')})")
     if "cdvae" in summary:
         c = summary["cdvae"]
         lines.append(f"  CDVAE ({c['dataset']}): COV-R {c['cov_recall']:.3f}  COV-P {c['cov_precision']:.3f}  "
                      f"wdist density {c['wdist_density']:.4f}  wdist #elements {c['wdist_num_elements']:.4f}")
-    lines.extend(f"  note: {n}" for n in summary.get("notes", []))
+    lines.extend(f"  note: {note}" for note in summary.get("notes", []))
+    return lines
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    lines = summary_lines(summary)
     lines.append(f"outputs: {out}/per_structure.csv, {out}/summary.json")
     print("\n".join(lines), file=sys.stdout)

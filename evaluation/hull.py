@@ -28,8 +28,10 @@ import hashlib
 import itertools
 import json
 import os
+import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -243,3 +245,198 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+# --- a hull file of published entries (e.g. `xtalgen data download mp_hull`) ------------------------
+GGA_RUN_TYPES = frozenset({"GGA", "GGA+U"})  # the footing of MP2020-corrected energies (and CHGNet's)
+
+
+def iter_entry_dicts(path: str | Path) -> Iterator[dict]:
+    """ComputedEntry / ComputedStructureEntry dicts from a JSON file (json or json.gz), streamed.
+
+    Layouts: a list of entry dicts; a dict whose values are entry dicts (e.g. keyed by element);
+    a pandas `to_json` frame with an `entry` column (Matbench Discovery's
+    `2023-02-07-mp-computed-structure-entries.json.gz`); JSON lines (.jsonl / .jsonl.gz), one
+    entry per line. The file is read incrementally (one entry at a time): never `json.load` of a
+    whole multi-gigabyte text, and never pickle.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        if name.removesuffix(".gz").endswith(".jsonl"):
+            for line in handle:
+                if line.strip():
+                    yield from _entries_in(json.loads(line))
+            return
+        yield from _stream_entries(_JSONStream(handle))
+
+
+def _is_entry(value) -> bool:
+    return isinstance(value, dict) and "energy" in value and "composition" in value
+
+
+def _entries_in(value) -> Iterator[dict]:
+    if _is_entry(value):
+        yield value
+    elif isinstance(value, list):
+        yield from (v for v in value if _is_entry(v))
+
+
+class _JSONStream:
+    """Incremental reader of one JSON document: containers are walked, values decoded one by one."""
+
+    def __init__(self, handle, chunk: int = 1 << 20):
+        self.handle, self.chunk = handle, chunk
+        self.buffer, self.pos, self.eof = "", 0, False
+        self.decoder = json.JSONDecoder()
+
+    def _fill(self) -> bool:
+        data = self.handle.read(self.chunk)
+        if not data:
+            self.eof = True
+            return False
+        self.buffer = self.buffer[self.pos :] + data
+        self.pos = 0
+        return True
+
+    def peek(self) -> str:
+        while True:
+            while self.pos < len(self.buffer) and self.buffer[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buffer):
+                return self.buffer[self.pos]
+            if not self._fill():
+                return ""
+
+    def take(self, char: str) -> None:
+        found = self.peek()
+        if found != char:
+            raise ValueError(f"malformed JSON: expected {char!r}, found {found!r}")
+        self.pos += 1
+
+    def value(self):
+        self.peek()
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.buffer, self.pos)
+            except json.JSONDecodeError:
+                if not self._fill():
+                    raise
+                continue
+            if end == len(self.buffer) and not self.eof and self._fill():
+                continue  # a number may go on in the next chunk: decode again
+            self.pos = end
+            return value
+
+    def items(self, closing: str) -> Iterator[str | None]:
+        """Walk the members of the container just opened: yields each key (None in an array),
+        with the stream positioned at the member's value."""
+        while self.peek() != closing:
+            key = None
+            if closing == "}":
+                key = self.value()
+                self.take(":")
+            yield key
+            if self.peek() == ",":
+                self.take(",")
+        self.take(closing)
+
+
+def _stream_entries(stream: _JSONStream) -> Iterator[dict]:
+    opening = stream.peek()
+    if opening not in "[{" or not opening:
+        raise ValueError("a hull file holds a JSON list or object of entries")
+    stream.take(opening)
+    for key in stream.items("]" if opening == "[" else "}"):
+        if key in ("entry", "entries") and stream.peek() in "[{":  # a pandas column of entries
+            inner = stream.peek()
+            stream.take(inner)
+            for _ in stream.items("]" if inner == "[" else "}"):
+                yield from _entries_in(stream.value())
+        else:
+            yield from _entries_in(stream.value())
+
+
+def hull_entry_row(data: dict) -> dict | None:
+    """{"id", "composition", "energy_per_atom"} of one entry dict; None for an entry of another
+    functional (e.g. r2SCAN: its energies are on another scale than GGA/GGA+U).
+
+    The energy is the entry's corrected energy (`ComputedEntry.energy`: the DFT energy plus its
+    `energy_adjustments`, which for Materials Project entries are the MP2020 corrections).
+    """
+    from pymatgen.entries.computed_entries import ComputedEntry
+
+    run_type = (data.get("parameters") or {}).get("run_type") or (data.get("data") or {}).get("run_type")
+    if run_type is not None and str(run_type) not in GGA_RUN_TYPES:
+        return None
+    slim = {k: v for k, v in data.items() if k != "structure"}  # no Structure needed for the hull
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns about noble gases' electronegativity
+        entry = ComputedEntry.from_dict(slim)
+    if not np.isfinite(entry.energy_per_atom):
+        return None
+    return {
+        "id": str(entry.entry_id),
+        "composition": {el.symbol: float(amount) for el, amount in entry.composition.items()},
+        "energy_per_atom": float(entry.energy_per_atom),
+    }
+
+
+@dataclass
+class HullFile:
+    """A hull file and its rows (`load_hull_entries`), loaded once and reused."""
+
+    path: str
+    rows: list[dict]
+
+    @classmethod
+    def load(cls, path: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> HullFile:
+        return cls(str(path), load_hull_entries(path, cache_dir, progress))
+
+
+def load_hull_entries(path: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> list[dict]:
+    """The hull rows of a hull file (see `hull_entry_row`). The first read of a file writes a compact
+    copy (`cache_dir/hull/<sha256>.jsonl.gz`, no structures) that later reads use."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.lower().endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")))
+        if len(files) != 1:
+            raise ValueError(f"{path}: expected one .json/.json.gz hull file in the folder, found {len(files)}")
+        path = files[0]
+    if not path.exists():
+        raise FileNotFoundError(f"hull file {path} does not exist")
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / "hull" / f"{_file_sha256(path)}.jsonl.gz"
+        if cache.exists():
+            with gzip.open(cache, "rt") as handle:
+                return [json.loads(line) for line in handle]
+    from tqdm.auto import tqdm
+
+    rows = []
+    try:
+        for data in tqdm(iter_entry_dicts(path), desc="reading hull entries", disable=not progress, unit="entry"):
+            row = hull_entry_row(data)
+            if row is not None:
+                rows.append(row)
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, gzip.BadGzipFile, KeyError) as exc:
+        raise ValueError(f"{path}: not a JSON file of ComputedEntry dicts ({type(exc).__name__}: {exc})") from None
+    if not rows:
+        raise ValueError(f"{path}: no GGA/GGA+U ComputedEntry dicts found")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        with gzip.open(tmp, "wt") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        os.replace(tmp, cache)
+    return rows
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

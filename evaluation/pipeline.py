@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,15 @@ from tqdm.auto import tqdm
 from xtalgen.evaluation import hull as hull_lib
 from xtalgen.evaluation.inputs import InputStructure, iter_structures
 from xtalgen.evaluation.matching import MatchSettings, ReferenceIndex, duplicate_of, novel_flags
+from xtalgen.evaluation.physical import (
+    DEFAULT_VOLUME_PER_ATOM_BAND,
+    NON_PHYSICAL_CELL,
+    REFERENCE_BAND_MARGIN,
+    in_band,
+    non_physical_reason,
+    reference_volume_band,
+    volume_per_atom,
+)
 from xtalgen.evaluation.properties import (
     bulk_modulus,
     chemical_system,
@@ -39,7 +49,7 @@ from xtalgen.evaluation.properties import (
     meets_target,
     space_group_number,
 )
-from xtalgen.evaluation.relax import Potential, RelaxResult, load_potential, relax_many
+from xtalgen.evaluation.relax import MP2020_FOOTING, Potential, RelaxResult, load_potential, relax_many
 from xtalgen.evaluation.validity import VALID, compositional_validity, structural_validity
 from xtalgen.record import CrystalRecord
 from xtalgen.schema import EvaluateConfig
@@ -61,6 +71,9 @@ def evaluate_structures(
     log_path: str | Path | None = None,
     potential: Potential | None = None,
     progress: bool = False,
+    hull: str | Path | hull_lib.HullFile | None = None,
+    allow_elements_only_hull: bool = False,
+    volume_band: tuple[float, float] | None = None,
 ) -> tuple[list[dict], dict]:
     """Score structures; returns (one row per structure, summary).
 
@@ -69,20 +82,46 @@ def evaluate_structures(
     `cfg.potential` first. stability: compute energies above the hull (default: = relax; without
     relaxation it uses single-point energies of the structures as given). The cheap mode
     (`relax=False`) gives validity, uniqueness and novelty in seconds for the trainer.
+
+    hull: a file of published entries (ComputedEntry dicts, e.g. `xtalgen data download mp_hull`)
+    that is the convex hull instead of the reference set relaxed with the potential. Without a hull
+    of real compounds (no `hull`, no `reference`) stability and SUN are not assessed (None, with the
+    reason in the summary) unless `allow_elements_only_hull`. volume_band: the physical-cell band of
+    volume per atom (default: the reference's range, see physical.py, else the default band).
     """
     cfg = cfg or EvaluateConfig()
     stability = relax if stability is None else stability
     ids = _unique_ids(list(ids) if ids is not None else [str(i) for i in range(len(structures))])
     metadata = list(metadata) if metadata is not None else [{} for _ in structures]
     models = _Potentials(cfg, potential)
+    if volume_band is None:
+        volume_band, band_source = physical_band(reference, cfg)
+    else:
+        band_source = "given"
 
-    rows_by_id = _per_structure_stage(structures, ids, metadata, relax, stability, cfg, models, log_path, progress)
+    rows_by_id = _per_structure_stage(structures, ids, metadata, relax, stability, cfg, models, log_path,
+                                      progress, volume_band)
     rows = [rows_by_id[i] for i in ids]
     evaluated = [_evaluated_structure(row, s) for row, s in zip(rows, structures)]
     if not relax and cfg.reference_relax:  # unrelaxed structures are compared with unrelaxed references
         cfg = dataclasses.replace(cfg, reference_relax=False)
-    summary = _set_stage(rows, evaluated, reference, stability, cfg, models, progress)
+    hull_options = _HullOptions(hull, allow_elements_only_hull, relax)
+    summary = _set_stage(rows, evaluated, reference, stability, cfg, models, progress, hull_options)
+    summary["physical_volume_per_atom_band"] = list(volume_band)
+    summary["physical_volume_per_atom_band_source"] = band_source
     return rows, summary
+
+
+def physical_band(reference, cfg: EvaluateConfig | None = None) -> tuple[tuple[float, float], str]:
+    """(band, where it comes from): the reference's range of volume per atom (widened by
+    `REFERENCE_BAND_MARGIN`) when a reference is given, else `DEFAULT_VOLUME_PER_ATOM_BAND`."""
+    cfg = cfg or EvaluateConfig()
+    if reference is not None:
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else hull_lib.default_cache_dir()
+        band = reference_volume_band(reference, cache_dir)
+        if band is not None:
+            return band, f"reference range +/- {REFERENCE_BAND_MARGIN:.0%}"
+    return DEFAULT_VOLUME_PER_ATOM_BAND, "default"
 
 
 def evaluate_inputs(items: Sequence[InputStructure], reference=None, relax: bool = True, **kwargs):
@@ -120,11 +159,11 @@ class _Potentials:
         return self.model
 
 
-def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, models, log_path, progress):
+def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, models, log_path, progress, band):
     log = _ResultLog(log_path)
     done = log.load()
     todo = [k for k, i in enumerate(ids) if i not in done]
-    rows = {k: _static_row(ids[k], structures[k], metadata[k], cfg) for k in todo}
+    rows = {k: _static_row(ids[k], structures[k], metadata[k], cfg, band) for k in todo}
     bar = tqdm(total=len(todo), desc="evaluating", disable=not progress, unit="structure")
 
     def finish(k: int) -> None:
@@ -132,9 +171,14 @@ def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, model
         log.append(rows[k])
         bar.update()
 
+    # Only structurally valid structures (physical cells among them) are relaxed; the others are
+    # reported with the reason, and can never be stable.
     relaxable = [k for k in todo if rows[k]["struct_valid"]]
     for k in todo:
         if not rows[k]["struct_valid"] or not (relax or stability):
+            if relax and not rows[k]["struct_valid"]:
+                rows[k]["relax_error"] = _not_relaxed_reason(rows[k])
+                rows[k]["relax_failure"] = relax_failure_reason(rows[k]["relax_error"])
             finish(k)
     if relax:
         pairs = [(k, structures[k]) for k in relaxable]
@@ -156,7 +200,24 @@ def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, model
     return done
 
 
-def _static_row(identifier: str, structure: Structure | None, metadata: dict, cfg: EvaluateConfig) -> dict:
+def _not_relaxed_reason(row: dict) -> str:
+    if row.get("struct_reason") == "unparsable":
+        return "unparsable"
+    if row.get("physical_cell") is False:
+        return f"{NON_PHYSICAL_CELL}: {row['volume_per_atom']:.3g} Å³/atom"
+    return f"structurally invalid: {row.get('struct_reason')}"
+
+
+def relax_failure_reason(error: str) -> str:
+    """A short category of a relaxation error, for counting."""
+    for category in (NON_PHYSICAL_CELL, "relaxation ran away", "structurally invalid", "unparsable"):
+        if error.startswith(category) or f": {category}" in error:
+            return category
+    return error.split(":", 1)[0] or "error"  # the exception's type, e.g. "RuntimeError"
+
+
+def _static_row(identifier: str, structure: Structure | None, metadata: dict, cfg: EvaluateConfig,
+                band: tuple[float, float]) -> dict:
     row: dict = {"id": identifier, "conditions": dict(metadata.get("conditions") or {})}
     if structure is None:
         row.update(parse_error=metadata.get("parse_error") or "no structure", struct_valid=False,
@@ -164,6 +225,12 @@ def _static_row(identifier: str, structure: Structure | None, metadata: dict, cf
         return row
     structural = structural_validity(structure)
     composition = compositional_validity(structure)
+    per_atom = volume_per_atom(structure)
+    physical = in_band(per_atom, band)
+    # Structurally valid = the CDVAE test (no atoms closer than 0.5 Å, volume > 0.1 Å³) AND a
+    # physical cell: a blown-up cell has no close atoms either, but it is not a crystal.
+    struct_valid = structural.valid and physical
+    reason = "; ".join(r for r in (structural.reason, "" if physical else non_physical_reason(per_atom, band)) if r)
     row.update(
         formula=structure.composition.reduced_formula,
         chemical_system=chemical_system(structure),
@@ -172,11 +239,14 @@ def _static_row(identifier: str, structure: Structure | None, metadata: dict, cf
         volume=structural.volume,
         density=float(structure.density) if structural.volume > 0 else float("nan"),  # g/cm³
         min_distance=structural.min_distance,
-        struct_valid=structural.valid,
-        struct_reason=structural.reason,
+        volume_per_atom=per_atom,
+        physical_cell=physical,
+        struct_valid_cdvae=structural.valid,
+        struct_valid=struct_valid,
+        struct_reason=reason,
         comp_valid=composition,
-        valid=structural.valid and composition == VALID,
-        space_group=space_group_number(structure, cfg.symprec) if structural.valid else None,
+        valid=struct_valid and composition == VALID,
+        space_group=space_group_number(structure, cfg.symprec) if struct_valid else None,
         hhi_score=hhi_score(structure),
     )
     return row
@@ -184,7 +254,8 @@ def _static_row(identifier: str, structure: Structure | None, metadata: dict, cf
 
 def _add_relaxation(row: dict, result: RelaxResult | None, error: str, cfg: EvaluateConfig) -> None:
     if result is None:
-        row["relax_error"] = error
+        row["relax_error"] = error or "no result"
+        row["relax_failure"] = relax_failure_reason(row["relax_error"])
         return
     relaxed = result.structure
     row.update(
@@ -238,7 +309,20 @@ class _ResultLog:
 
 
 # --- stage 2: over the set --------------------------------------------------------------------------
-def _set_stage(rows, evaluated, reference, stability, cfg, models, progress) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _HullOptions:
+    hull: str | Path | None = None  # a file of published entries (the hull), else the reference set
+    allow_elements_only: bool = False  # assess stability even when the hull has only elements
+    relaxed: bool = True  # energies come from relaxations: only relaxed structures can be stable
+
+
+ELEMENTS_ONLY_REASON = (
+    "no hull of real compounds: only elemental references (give --hull FILE, e.g. from "
+    "`xtalgen data download mp_hull`, or --reference TRAINING_SET; or --allow-elements-only-hull)"
+)
+
+
+def _set_stage(rows, evaluated, reference, stability, cfg, models, progress, hull_options=_HullOptions()) -> dict:
     settings = MatchSettings(cfg.ltol, cfg.stol, cfg.angle_tol)
     present = [k for k, s in enumerate(evaluated) if s is not None]
     first = duplicate_of([evaluated[k] for k in present], settings, cfg.workers)
@@ -251,7 +335,9 @@ def _set_stage(rows, evaluated, reference, stability, cfg, models, progress) -> 
     notes: list[str] = []
     reference_items = _reference_items(reference) if reference is not None else None
     systems = {_system(s) for s in evaluated if s is not None}
-    index, hull_candidates = _scan_reference(reference_items, evaluated, systems, stability, progress)
+    # With a hull file, the reference set is for novelty only (its structures are not relaxed).
+    scan_hull = stability and hull_options.hull is None
+    index, hull_candidates = _scan_reference(reference_items, evaluated, systems, scan_hull, progress)
     if index is not None:
         novel = novel_flags([evaluated[k] for k in present], index, settings, cfg.workers)
         for row in rows:
@@ -261,12 +347,15 @@ def _set_stage(rows, evaluated, reference, stability, cfg, models, progress) -> 
     else:
         notes.append("novelty not computed: no reference set given (--reference)")
 
+    assessment = None
     if stability:
-        _hull_stage(rows, evaluated, reference, hull_candidates, cfg, models, notes, progress)
+        assessment = _hull_stage(rows, evaluated, reference, hull_candidates, cfg, models, notes, progress,
+                                 hull_options)
     else:
         notes.append("stability not computed (no relaxation / energies requested)")
     _property_stage(rows, evaluated, cfg, models)
-    return _summary(rows, reference_size=index.size if index is not None else None, notes=notes, cfg=cfg)
+    return _summary(rows, reference_size=index.size if index is not None else None, notes=notes, cfg=cfg,
+                    assessment=assessment)
 
 
 def _reference_items(reference):
@@ -313,44 +402,84 @@ def _all_subsystems(systems) -> set[frozenset]:
     return out
 
 
-def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, progress) -> None:
+def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, progress, options) -> dict:
+    """Energies above the hull, stable and SUN flags; returns {"assessed", "reason", "source"}."""
     with_energy = [k for k, row in enumerate(rows) if row.get("energy_per_atom") is not None]
+    if options.hull is None and reference is None and not options.allow_elements_only:
+        for row in rows:  # not assessed: neither stable nor unstable
+            row["stable"] = row["on_or_below_hull"] = None
+            if "novel" in row:
+                row["sun"] = None
+        return {"assessed": False, "reason": ELEMENTS_ONLY_REASON, "source": None}
     elements = sorted({el.symbol for k in with_energy for el in evaluated[k].composition.elements})
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else hull_lib.default_cache_dir()
-    if cfg.elemental_reference:
-        elemental = hull_lib.load_elemental_entries(cfg.elemental_reference)
-        notes.append(f"elemental references from {cfg.elemental_reference}")
-    elif elements:
-        computed = hull_lib.compute_elemental_references(
-            elements, models.model, cache_dir, fmax=cfg.relax_fmax, steps=cfg.relax_steps,
-            workers=cfg.workers, batch=cfg.relax_batch, progress=progress,
-        )
-        elemental = {s: v["energy_per_atom"] for s, v in computed.items()}
-        notes.append(f"elemental references: built-in prototypes relaxed with {cfg.potential}")
+    compositions: list = []
+    energies: list[float] = []
+    if options.hull is not None:
+        source = _hull_file_entries(options.hull, evaluated, with_energy, cache_dir, models, notes, progress,
+                                    compositions, energies)
     else:
-        elemental = {}
-    compositions = [Composition({s: 1}) for s in elemental]
-    energies = list(elemental.values())
-    if reference is not None and candidates:
-        for composition, energy in _reference_energies(reference, candidates, cfg, models, cache_dir, progress):
-            compositions.append(composition)
-            energies.append(energy)
-    else:
-        notes.append("hull from elemental references only (no reference set given)")
+        if cfg.elemental_reference:
+            elemental = hull_lib.load_elemental_entries(cfg.elemental_reference)
+            notes.append(f"elemental references from {cfg.elemental_reference}")
+        elif elements:
+            computed = hull_lib.compute_elemental_references(
+                elements, models.model, cache_dir, fmax=cfg.relax_fmax, steps=cfg.relax_steps,
+                workers=cfg.workers, batch=cfg.relax_batch, progress=progress,
+            )
+            elemental = {s: v["energy_per_atom"] for s, v in computed.items()}
+            notes.append(f"elemental references: built-in prototypes relaxed with {cfg.potential}")
+        else:
+            elemental = {}
+        compositions += [Composition({s: 1}) for s in elemental]
+        energies += list(elemental.values())
+        if reference is not None:
+            source = f"reference set relaxed with {cfg.potential}" if cfg.reference_relax else \
+                f"reference set, single-point energies with {cfg.potential}"
+            for composition, energy in _reference_energies(reference, candidates, cfg, models, cache_dir, progress):
+                compositions.append(composition)
+                energies.append(energy)
+        else:
+            source = "elemental references only (allowed by --allow-elements-only-hull)"
+            notes.append("hull from elemental references only: energies above it are formation energies")
     hull = hull_lib.ConvexHullReference(compositions, energies)
     for k in with_energy:
         row, composition = rows[k], evaluated[k].composition
         e_hull = hull.e_above_hull(composition, row["energy_per_atom"])
         row["e_above_hull"] = e_hull
         row["formation_energy_per_atom"] = hull.formation_energy_per_atom(composition, row["energy_per_atom"])
-        if math.isfinite(e_hull):
+        # Only a structure that was relaxed (when relaxation was asked for) can be stable.
+        judged = math.isfinite(e_hull) and (row.get("relaxed") or not options.relaxed)
+        if judged:
             row["stable"] = e_hull < cfg.stability_threshold
             row["on_or_below_hull"] = e_hull <= ON_HULL_TOLERANCE
+    missing = sum(1 for k in with_energy if not math.isfinite(rows[k]["e_above_hull"]))
+    if missing:
+        notes.append(f"{missing} structure(s) have an element without a hull reference: counted as not stable")
     for row in rows:
         row.setdefault("stable", False)
         row.setdefault("on_or_below_hull", False)
         if "novel" in row:
             row["sun"] = bool(row["stable"] and row["unique"] and row["novel"])
+    return {"assessed": True, "reason": None, "source": source}
+
+
+def _hull_file_entries(path, evaluated, with_energy, cache_dir, models, notes, progress, compositions, energies) -> str:
+    """Add the hull file's entries in the evaluated chemical systems; returns the hull's description."""
+    systems = _all_subsystems({_system(evaluated[k]) for k in with_energy})
+    hull_file = path if isinstance(path, hull_lib.HullFile) else hull_lib.HullFile.load(path, cache_dir, progress)
+    path, rows = hull_file.path, hull_file.rows
+    used = 0
+    for row in rows:
+        if frozenset(row["composition"]) in systems:
+            compositions.append(Composition(row["composition"]))
+            energies.append(row["energy_per_atom"])
+            used += 1
+    footing = getattr(models.model, "energy_footing", "unknown") if with_energy else MP2020_FOOTING
+    if footing != MP2020_FOOTING:
+        notes.append(f"the hull file holds MP2020-corrected GGA/GGA+U energies but potential "
+                     f"{models.model.name!r} is fitted to {footing}: energies above hull may be off")
+    return f"hull file {path} ({len(rows)} GGA/GGA+U entries, {used} in the evaluated systems)"
 
 
 def _reference_energies(reference, candidates, cfg, models, cache_dir, progress):
@@ -429,19 +558,29 @@ def _proxy_value(name: str, row: dict, structure: Structure | None, models):
 
 
 # --- summary ----------------------------------------------------------------------------------------
-def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg: EvaluateConfig) -> dict:
+def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg: EvaluateConfig,
+             assessment: dict | None = None) -> dict:
     n = len(rows)
 
     def rate(key: str, value=True) -> float:
         return sum(1 for r in rows if r.get(key) == value) / n if n else float("nan")
 
-    def mean(key: str) -> float:
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        return float(np.mean(values)) if values else float("nan")
+    def values(key: str) -> list[float]:
+        return [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+                and math.isfinite(r[key])]
 
+    def mean(key: str) -> float:
+        found = values(key)
+        return float(np.mean(found)) if found else float("nan")
+
+    per_atom = values("volume_per_atom")
     summary = {
         "num_structures": n,
+        "physical_cell_rate": rate("physical_cell"),
+        "volume_per_atom_median": float(np.median(per_atom)) if per_atom else None,
+        "volume_per_atom_max": max(per_atom) if per_atom else None,
         "struct_valid_rate": rate("struct_valid"),
+        "struct_valid_cdvae_rate": rate("struct_valid_cdvae"),
         "comp_valid_rate": rate("comp_valid", "valid"),
         "comp_unknown_rate": rate("comp_valid", "unknown"),
         "valid_rate": rate("valid"),
@@ -451,20 +590,31 @@ def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg
         "potential": cfg.potential,
         "stability_threshold": cfg.stability_threshold,
     }
-    if any("energy_per_atom" in r for r in rows):
+    if assessment is not None:
+        assessed = assessment["assessed"]
         summary.update(
-            stable_rate=rate("stable"),
-            on_or_below_hull_rate=rate("on_or_below_hull"),
-            sun_rate=rate("sun") if reference_size is not None else None,
-            mean_e_above_hull=mean("e_above_hull"),
+            stability_assessed=assessed,
+            stability_not_assessed_reason=assessment["reason"],
+            hull_source=assessment["source"],
+            stable_rate=rate("stable") if assessed else None,
+            on_or_below_hull_rate=rate("on_or_below_hull") if assessed else None,
+            sun_rate=rate("sun") if assessed and reference_size is not None else None,
+            mean_e_above_hull=mean("e_above_hull") if assessed else None,
             mean_energy_per_atom=mean("energy_per_atom"),
         )
-    if any(r.get("relaxed") for r in rows):
+    relax_requested = any("relaxed" in r or "relax_error" in r for r in rows)
+    if relax_requested:
+        rmsd = values("rmsd")
+        reasons = Counter(r["relax_failure"] for r in rows if r.get("relax_failure"))
         summary.update(
             relaxed_count=sum(1 for r in rows if r.get("relaxed")),
             relax_converged_rate=rate("relax_converged"),
-            relax_failures=sum(1 for r in rows if r.get("relax_error")),
-            mean_rmsd=mean("rmsd"),
+            relax_failures=sum(reasons.values()),  # structures not relaxed: never stable, never SUN
+            relax_failure_reasons=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+            mean_rmsd=float(np.mean(rmsd)) if rmsd else float("nan"),
+            rmsd_median=float(np.median(rmsd)) if rmsd else None,
+            rmsd_p90=float(np.percentile(rmsd, 90)) if rmsd else None,
+            rmsd_max=max(rmsd) if rmsd else None,
         )
     targets = sorted({name for r in rows for name in (r.get("conditions") or {})})
     for name in targets:

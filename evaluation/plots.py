@@ -17,22 +17,37 @@ def _pyplot():
     return plt
 
 
+E_HULL_RANGE = (-0.5, 2.0)  # eV/atom shown; values outside are put in the end bins
+E_HULL_BIN = 0.1  # eV/atom
+
+
 def plot_e_above_hull(rows: list[dict], path: Path, threshold: float = 0.1) -> Path | None:
     values = [r["e_above_hull"] for r in rows if isinstance(r.get("e_above_hull"), float) and np.isfinite(r["e_above_hull"])]
     if not values:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(np.clip(values, -0.5, 2.0), bins=50, color="tab:blue")
-    ax.axvline(threshold, color="tab:red", linestyle="--", label=f"stable < {threshold} eV/atom")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    low, high = E_HULL_RANGE
+    bins = np.linspace(low, high, int(round((high - low) / E_HULL_BIN)) + 1)
+    counts, _, bars = ax.hist(np.clip(values, low, high), bins=bins, color="tab:blue", edgecolor="white")
+    ax.bar_label(bars, labels=[str(int(c)) if c else "" for c in counts], fontsize=7, padding=1)
+    ax.axvline(threshold, color="tab:red", linestyle="--",
+               label=f"stable < {threshold} eV/atom: {sum(v < threshold for v in values)}")
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("energy above hull (eV/atom, clipped to [-0.5, 2])")
+    ax.set_xlabel(f"energy above hull (eV/atom, clipped to [{low}, {high}])")
     ax.set_ylabel("structures")
+    ax.set_ylim(0, max(counts.max() * 1.15, 1))
+    ax.set_title(_count_title("Energy above hull", len(values), len(rows), "with an energy above hull"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _count_title(title: str, n: int, total: int, what: str) -> str:
+    """"Title (n = 12)", or "Title (n = 12 of 16 structures with ...)" when some are left out."""
+    return f"{title} (n = {n})" if n == total else f"{title} (n = {n} of {total} structures {what})"
 
 
 def plot_element_frequencies(rows: list[dict], path: Path, top: int = 40) -> Path | None:
@@ -43,10 +58,14 @@ def plot_element_frequencies(rows: list[dict], path: Path, top: int = 40) -> Pat
     if not counts:
         return None
     plt = _pyplot()
+    parsed = sum(1 for row in rows if row.get("chemical_system"))
     elements, frequency = zip(*counts.most_common(top))
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(elements)), 4))
-    ax.bar(elements, np.asarray(frequency) / len(rows), color="tab:green")
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(elements)), 4))
+    bars = ax.bar(elements, np.asarray(frequency) / parsed, color="tab:green")
+    ax.bar_label(bars, labels=[str(f) for f in frequency], fontsize=7, padding=1)
     ax.set_ylabel("fraction of structures containing")
+    ax.set_ylim(0, 1.1 * max(frequency) / parsed)
+    ax.set_title(_count_title("Element frequencies", parsed, len(rows), "that could be read"))
     ax.tick_params(axis="x", labelrotation=90)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -64,6 +83,7 @@ def plot_property_vs_target(rows: list[dict], name: str, path: Path) -> Path | N
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(values, bins=40, color="tab:purple")
+    ax.set_title(_count_title(name, len(values), len(rows), f"with a {name} value"))
     for target in targets:
         try:
             ax.axvline(float(target.lstrip("<>=")), color="tab:red", linestyle="--", label=f"target {target}")

@@ -13,12 +13,17 @@ from __future__ import annotations
 import abc
 import contextlib
 import io
+import math
 import multiprocessing as mp
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from pymatgen.core import Structure
+
+from xtalgen.evaluation.physical import check_relaxation_volume, volume_per_atom
+
+MP2020_FOOTING = "MP2020-corrected GGA/GGA+U"
 
 
 @dataclass
@@ -79,6 +84,9 @@ class Potential(abc.ABC):
     """Interface of an interatomic potential used by the evaluator."""
 
     name = "base"
+    # What the potential's energies are fitted to. Energies above a hull of DFT entries (--hull)
+    # only mean something when the two agree; see hull.py.
+    energy_footing = "unknown"
 
     @abc.abstractmethod
     def relax(
@@ -124,13 +132,16 @@ class CHGNetPotential(Potential):
     """CHGNet 0.4.x (weights ship in the wheel) through its own StructOptimizer."""
 
     name = "chgnet"
+    # CHGNet is fitted to MPtrj energies with the Materials Project 2020 corrections applied.
+    energy_footing = MP2020_FOOTING
 
     def __init__(self, device: str = "cpu", batch_size: int = 4, threads: int = 1):
         from chgnet.model import CHGNet, StructOptimizer
 
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its banner on load
             self.model = CHGNet.load(verbose=False, use_device=device)
-            self.optimizer = StructOptimizer(model=self.model, use_device=device)
+            self.calculator = _guarded_chgnet_calculator(self.model, device)
+            self.optimizer = StructOptimizer(model=self.calculator)
         self.batch_size = batch_size
         self.threads = threads
 
@@ -148,6 +159,7 @@ class CHGNetPotential(Potential):
     def relax(
         self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
     ) -> RelaxResult:
+        self.calculator.start_volume_per_atom = volume_per_atom(structure)
         with cpu_threads(self.threads):
             output = self.optimizer.relax(
                 structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
@@ -166,6 +178,21 @@ class CHGNetPotential(Potential):
 
         with cpu_threads(self.threads):
             yield from relax_batched(self, structures, fmax=fmax, steps=steps, concurrency=concurrency)
+
+
+def _guarded_chgnet_calculator(model, device: str):
+    """CHGNet's ASE calculator, stopping a relaxation whose cell runs away (see physical.py)."""
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    class GuardedCHGNetCalculator(CHGNetCalculator):
+        start_volume_per_atom = float("nan")  # set before each relaxation
+
+        def calculate(self, atoms=None, *args, **kwargs):
+            if atoms is not None and math.isfinite(self.start_volume_per_atom):
+                check_relaxation_volume(self.start_volume_per_atom, atoms.get_volume() / len(atoms))
+            return super().calculate(atoms, *args, **kwargs)
+
+    return GuardedCHGNetCalculator(model=model, use_device=device)
 
 
 class ASECalculatorPotential(Potential):
@@ -199,6 +226,8 @@ class ASECalculatorPotential(Potential):
         with cpu_threads(self.threads):
             initial_energy = float(atoms.get_potential_energy()) / n_atoms
             optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
+            start = volume_per_atom(structure)
+            optimizer.attach(lambda: check_relaxation_volume(start, atoms.get_volume() / n_atoms), interval=1)
             converged = bool(optimizer.run(fmax=fmax, steps=steps))
         relaxed = AseAtomsAdaptor.get_structure(atoms)
         with contextlib.suppress(Exception):  # not every calculator computes magnetic moments
