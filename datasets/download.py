@@ -10,11 +10,16 @@ Sources (defaults; every URL and hash can be overridden):
   mp_20_mattergen  MatterGen's copy of MP-20, `data-release/mp-20/mp_20.zip` (Git LFS)
   perov_5      CDVAE release, `data/perov_5/{train,val,test}.csv`
   carbon_24    CDVAE release, `data/carbon_24/{train,val,test}.csv`
+  mp_hull      convex-hull reference for `xtalgen evaluate --hull`: the Materials Project's
+               ComputedStructureEntries of 2023-02-07 (154,719 entries; GGA/GGA+U energies with
+               the MP2020 corrections in `energy_adjustments`) as Matbench Discovery publishes them,
+               `2023-02-07-mp-computed-structure-entries.json.gz` (JSON; MatterGen's own
+               `reference_MP2020correction.gz` is an LMDB of pickles, which is never loaded here)
 
 Each file is fetched with urllib into `NAME.part`; an interrupted download resumes with an HTTP
 Range request. It is checked against its sha256 (from the Git LFS pointer, or computed from the
-published file) and/or its git blob id (what GitHub itself stores for the CDVAE CSVs), and only
-then renamed to its final name; a mismatch deletes the partial file and raises `ChecksumError`.
+published file), its git blob id (what GitHub itself stores for the CDVAE CSVs) and/or the md5 its
+publisher lists (figshare), and only then renamed to its final name; a mismatch deletes the partial file and raises `ChecksumError`.
 Zips are kept in `OUT/.downloads/` and unpacked into OUT (members may not escape it).
 """
 
@@ -32,6 +37,7 @@ from pathlib import Path
 
 CDVAE_RAW = "https://raw.githubusercontent.com/txie-93/cdvae/main/data"
 MATTERGEN_LFS = "https://media.githubusercontent.com/media/microsoft/mattergen/main/data-release"
+FIGSHARE = "https://figshare.com/ndownloader/files"
 CHUNK_BYTES = 1 << 20
 ARCHIVE_DIR = ".downloads"  # inside the output folder: downloaded zips (and their .part files)
 ATTEMPTS = 3  # connection drops resume from where they stopped, this many times per call
@@ -55,6 +61,7 @@ class RemoteFile:
     url: str
     sha256: str | None = None
     git_blob_sha1: str | None = None  # `git hash-object` of the file, as GitHub stores it
+    md5: str | None = None  # as the publisher lists it (figshare); checked besides the sha256
     size: int | None = None
     unzip: bool = False
 
@@ -64,6 +71,7 @@ class DatasetSource:
     name: str
     description: str
     files: tuple[RemoteFile, ...]
+    next_step: str = "xtalgen shard build {folder} --out shards/{name}"  # what to run on the download
 
 
 def _cdvae(dataset: str, blobs: dict[str, str], sha256: dict[str, str] | None = None) -> tuple[RemoteFile, ...]:
@@ -112,6 +120,15 @@ DATASETS: dict[str, DatasetSource] = {
                {"val": "36c00689cd63073c954a58bc6ed6e2adb7aeed5a630c994970959a1babffd50e",
                 "test": "386b17c08816f434818d51e46687bf72ff3f92348f3ba24823e4758f1fe8a969"}),
     ),
+    # Matbench Discovery's data-files.yml lists this file (figshare file 40344436) with its md5.
+    "mp_hull": DatasetSource(
+        "mp_hull", "Materials Project entries 2023-02-07 (MP2020-corrected GGA/GGA+U) for "
+        "`xtalgen evaluate --hull`, Matbench Discovery release",
+        (RemoteFile(name="2023-02-07-mp-computed-structure-entries.json.gz", url=f"{FIGSHARE}/40344436",
+                    sha256="553d6272f049a8f4ec26e503b89751e2616dd3af53d086545f6ea00f317a361f",
+                    md5="76fc748db6b175bb80de4c276d27c235"),),
+        next_step="xtalgen evaluate SAMPLES --hull {folder} --reference TRAINING_SHARDS --out eval",
+    ),
 }
 
 
@@ -138,12 +155,13 @@ def resolve_source(source: DatasetSource, *, url: str | None = None, sha256: str
         if sha256 is not None:
             if len(source.files) != 1:
                 raise ValueError(f"{source.name} has {len(source.files)} files; --sha256 applies to one file")
-            return replace(source, files=(replace(source.files[0], sha256=sha256.lower(), git_blob_sha1=None),))
+            return replace(source, files=(replace(source.files[0], sha256=sha256.lower(), git_blob_sha1=None,
+                                                  md5=None),))
         return source
     if len(source.files) == 1:
         only = source.files[0]
         return replace(source, files=(replace(only, url=url, sha256=sha256.lower() if sha256 else None,
-                                              git_blob_sha1=None, size=None),))
+                                              git_blob_sha1=None, md5=None, size=None),))
     if sha256 is not None:
         raise ValueError(f"{source.name} has {len(source.files)} files; --sha256 applies to one file")
     base = url.rstrip("/")
@@ -226,27 +244,34 @@ def _transfer(url: str, part: Path, *, expected_size: int | None, progress: bool
 
 def file_hashes(path: Path) -> tuple[str, str]:
     """(sha256, git blob sha1) of a file, in one pass."""
+    digests = file_digests(path)
+    return digests["sha256"], digests["git_blob_sha1"]
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """{"sha256", "git_blob_sha1", "md5"} of a file, in one pass."""
     size = path.stat().st_size
     sha256 = hashlib.sha256()
     blob = hashlib.sha1(f"blob {size}\0".encode())  # git's object id of the file's content
+    md5 = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK_BYTES):
             sha256.update(block)
             blob.update(block)
-    return sha256.hexdigest(), blob.hexdigest()
+            md5.update(block)
+    return {"sha256": sha256.hexdigest(), "git_blob_sha1": blob.hexdigest(), "md5": md5.hexdigest()}
 
 
 def verify_file(path: Path, remote: RemoteFile) -> None:
     """Raise ChecksumError (and delete `path`) unless every known hash matches."""
-    if remote.sha256 is None and remote.git_blob_sha1 is None:
+    expected = {"sha256": remote.sha256, "git_blob_sha1": remote.git_blob_sha1, "md5": remote.md5}
+    expected = {k: v for k, v in expected.items() if v is not None}
+    if not expected:
         print(f"warning: {remote.name}: no known hash, not verified", file=sys.stderr)
         return
-    sha256, blob = file_hashes(path)
-    problems = []
-    if remote.sha256 is not None and sha256 != remote.sha256:
-        problems.append(f"sha256 {sha256}, expected {remote.sha256}")
-    if remote.git_blob_sha1 is not None and blob != remote.git_blob_sha1:
-        problems.append(f"git blob id {blob}, expected {remote.git_blob_sha1}")
+    found = file_digests(path)
+    labels = {"sha256": "sha256", "git_blob_sha1": "git blob id", "md5": "md5"}
+    problems = [f"{labels[k]} {found[k]}, expected {v}" for k, v in expected.items() if found[k] != v]
     if problems:
         path.unlink()
         raise ChecksumError(f"{remote.name} from {remote.url}: {'; '.join(problems)}. "
