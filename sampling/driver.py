@@ -32,6 +32,17 @@ from xtalgen.sampling.writer import (
 from xtalgen.schema import ModelConfig, SampleConfig
 
 RUN_MODEL_FILE = "model.pt"  # the consolidated (EMA) model inside a training run directory
+# A sampled cell is "physical" when its volume per atom lies within this factor of the lattice
+# prior's, 1 / rho (Alex-MP-20: 17.3 Å^3/atom, so 5.8-52). Real crystals sit at ~10-30 Å^3/atom; a
+# cell outside the band has collapsed or blown up. Such samples are still written (they are what the
+# model made) but flagged `physical_cell: false` in samples.jsonl and counted in the summary.
+PHYSICAL_BAND_FACTOR = 3.0
+
+
+def physical_band(prior_density: float) -> tuple[float, float]:
+    """(low, high) Å^3 per atom around the prior's volume per atom 1 / rho."""
+    prior_volume = 1.0 / prior_density
+    return prior_volume / PHYSICAL_BAND_FACTOR, prior_volume * PHYSICAL_BAND_FACTOR
 
 
 @dataclass
@@ -43,6 +54,8 @@ class SamplingSummary:
     num_already_done: int  # structures of this rank's share found committed at start
     seconds: float
     merge: MergeReport | None  # rank 0 only
+    num_unphysical: int = 0  # of num_new: cells outside `band` (flagged in samples.jsonl)
+    band: tuple[float, float] | None = None  # Å^3 per atom, see `physical_band`
 
     @property
     def structures_per_second(self) -> float:
@@ -135,10 +148,15 @@ def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: Sam
 
 
 def batch_rows(plan: SamplingPlan, batch: int, cfg: SampleConfig,
-               conditions: dict[str, ConditionValue], structures: list) -> list[dict]:
-    """Per-structure metadata lines. No rank or time in them: parts merge to the same bytes."""
+               conditions: dict[str, ConditionValue], structures: list,
+               band: tuple[float, float] | None = None) -> list[dict]:
+    """Per-structure metadata lines. No rank or time in them: parts merge to the same bytes.
+
+    Each line has the cell's volume per atom and, given a band (`physical_band`), `physical_cell`.
+    """
     rows = []
     for index, structure in zip(plan.batch_indices(batch), structures):
+        volume_per_atom = structure.volume / len(structure)
         rows.append({
             "id": plan.sample_id(index),
             "index": index,
@@ -150,6 +168,8 @@ def batch_rows(plan: SamplingPlan, batch: int, cfg: SampleConfig,
             "conditions": conditions,
             "guidance": cfg.guidance_scale,
             "steps": cfg.num_steps,
+            "volume_per_atom": round(volume_per_atom, 4),
+            **({"physical_cell": band[0] <= volume_per_atom <= band[1]} if band else {}),
         })
     return rows
 
@@ -184,23 +204,32 @@ def sample_to_directory(
     already = sum(len(plan.batch_indices(b)) for b in mine if b in done)
 
     model = model.to(device).eval()
+    band = physical_band(stats["mean_density"]) if stats.get("mean_density") else None
     start = time.perf_counter()
-    made = 0
+    made = unphysical = 0
     bar = tqdm(total=sum(len(plan.batch_indices(b)) for b in todo), unit="structure",
                desc=f"sampling (rank {rank}/{world_size})", disable=not progress, dynamic_ncols=True)
     with bar:
         for batch in todo:
             structures = sample_batch_structures(model, model_cfg, stats, cfg, plan, batch, conditions, device)
-            writer.write_batch(batch_rows(plan, batch, cfg, conditions, structures), structures)
+            rows = batch_rows(plan, batch, cfg, conditions, structures, band)
+            writer.write_batch(rows, structures)
             made += len(structures)
+            unphysical += sum(not row.get("physical_cell", True) for row in rows)
             bar.update(len(structures))
+            bar.set_postfix(unphysical=unphysical, refresh=False)
     seconds = time.perf_counter() - start
+    if unphysical:
+        print(f"warning: {unphysical} of {made} sampled cells have a volume per atom outside "
+              f"{band[0]:.1f}-{band[1]:.1f} Å³ (the prior's {1 / stats['mean_density']:.1f} Å³/atom "
+              f"x/÷ {PHYSICAL_BAND_FACTOR:g}); they are flagged physical_cell=false in samples.jsonl",
+              file=sys.stderr)
 
     merge = None
     if rank == 0:
         wait_for_all_batches(out_dir, plan, merge_wait_s, poll_s)
         merge = merge_parts(out_dir, plan)
-    return SamplingSummary(out_dir, rank, world_size, made, already, seconds, merge)
+    return SamplingSummary(out_dir, rank, world_size, made, already, seconds, merge, unphysical, band)
 
 
 def wait_for_all_batches(out_dir: Path, plan: SamplingPlan, timeout_s: float, poll_s: float) -> bool:
