@@ -1,35 +1,36 @@
 """The CDVAE / DiffCSP generation benchmark metrics: validity, coverage (COV-R, COV-P) and
 Wasserstein distances of density and of the number of elements, against a test split.
 
-Definitions follow CDVAE's `compute_metrics.py`:
+Definitions follow CDVAE's `scripts/compute_metrics.py` and `scripts/eval_utils.py`
+(txie-93/cdvae, which DiffCSP reuses), so the numbers sit beside the published tables:
 
-* validity: structural (no pair < 0.5 Å, volume > 0.1 Å³) and compositional (SMACT), see validity.py;
+* validity: structural (no pair < 0.5 Å, volume > 0.1 Å³) and compositional (SMACT), see
+  validity.py; a crystal whose structure fingerprint cannot be computed is invalid;
 * structure fingerprint: matminer's `CrystalNNFingerprint.from_preset("ops")` per site (CrystalNN
-  coordination weights × local order parameters for CN 1..24), averaged over sites;
-* composition fingerprint: Magpie `ElementProperty` (22 elemental properties × min, max, range,
-  mean, average deviation, mode), standardised; NaNs become 0 after scaling;
-* COV-R: fraction of test structures with a generated structure within both cutoffs;
-  COV-P: fraction of generated structures within both cutoffs of a test structure (over all
-  generated structures, those that cannot be fingerprinted count as misses);
-* Wasserstein distances (scipy) of density (g/cm³) and number of elements, valid generated vs test.
+  coordination weights × local order parameters for CN 1..24), averaged over sites (61 numbers);
+* composition fingerprint: matminer's `ElementProperty.from_preset("magpie")` (22 Magpie elemental
+  properties × minimum, maximum, range, mean, avg_dev, mode, weighted by amount; 132 numbers), with
+  NaN for elements the Magpie table lacks a value for, as in matminer 0.7.3 (CDVAE's version; no
+  imputation);
+* standardisation of composition fingerprints: CDVAE's fixed `CompScaler` (`CompScalerMeans` /
+  `CompScalerStds`, statistics of its MP-20 training set), NaN → 0 after scaling. It is never fitted
+  on the generated or the test structures;
+* COV-R: fraction of test structures with a generated structure within both cutoffs (Euclidean
+  distances); COV-P: fraction of all generated structures within both cutoffs of a test structure
+  (those without fingerprints count as misses); cutoffs (structure, composition) from CDVAE's
+  `COV_Cutoffs`: Perov-5 (0.2, 4), Carbon-24 (0.2, 4), MP-20 (0.4, 10);
+* Wasserstein distances (scipy) of density (g/cm³) and number of elements: 1,000 valid generated
+  structures drawn at random (all of them when fewer are valid; CDVAE refuses to score those)
+  vs every test structure.
 
-Cutoffs (structure, composition) from the CDVAE paper: Perov-5 (0.2, 4), Carbon-24 (0.2, 4),
-MP-20 (0.4, 10).
-
-matminer (the library CDVAE used) declares pandas < 3, which conflicts with this project's pins, so
-the featurizers are implemented here: the structure fingerprint exactly as matminer does it on
-top of pymatgen's CrystalNN and LocalStructOrderParams (bit-identical to matminer 0.10.1 on Perov-5
-and Carbon-24 structures); the Magpie elemental table is taken from matminer when it is importable
-and otherwise rebuilt from pymatgen's element data. Checked against matminer's table for Z <= 94:
-Number, Column, Row and the ten valence / unfilled-shell counts are identical; AtomicWeight,
-MeltingT and Electronegativity differ for a few elements (pymatgen's values); GSvolume_pa is
-approximated by pymatgen's molar volume (close for solids, not for gases); MendeleevNumber (Magpie's
-numbering), CovalentRadius and the OQMD ground-state band gap, magnetic moment and space group are
-NaN and so drop out after scaling.
-
-The composition scaler is fitted on the test split's fingerprints unless a JSON
-`{"means": [...], "stds": [...]}` is given: CDVAE's own scaler (MP-20 training statistics, its
-`CompScalerMeans` / `CompScalerStds`) with matminer installed reproduces CDVAE's definition exactly.
+Why not matminer itself: matminer (0.10.1, the newest) requires pandas < 3, while this project pins
+pandas 3 (requirements/ci.txt), and it pulls scikit-learn, pymongo and sympy for what is a lookup
+table; and since 0.10 its Magpie data imputes NaNs by default, which no longer gives CDVAE's numbers.
+So the featurizers are implemented here and the data ship with the package (`data/`, with sources
+and licences in data/README.md): the Magpie table for the 22 properties (matminer's `.table` files,
+unchanged from 0.7.3 to 0.10.1) and CDVAE's scaler constants. The structure fingerprint is built
+exactly as matminer does on top of pymatgen's CrystalNN and LocalStructOrderParams.
+`benchmarks/cdvae_parity.py` checks both fingerprints against matminer in a separate environment.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Composition, Element, Structure
+from pymatgen.core import Composition, Structure
 from scipy.spatial.distance import cdist
 from scipy.stats import wasserstein_distance
 
 from xtalgen.evaluation.validity import VALID, compositional_validity, structural_validity
 
-COV_CUTOFFS = {  # (structure, composition), CDVAE paper
+COV_CUTOFFS = {  # (structure, composition): CDVAE's COV_Cutoffs in scripts/compute_metrics.py
     "perov_5": (0.2, 4.0),
     "carbon_24": (0.2, 4.0),
     "mp_20": (0.4, 10.0),
@@ -78,6 +79,8 @@ MAGPIE_PROPERTIES = [
     "GSbandgap", "GSmagmom", "SpaceGroupNumber",
 ]
 MAGPIE_STATS = ["minimum", "maximum", "range", "mean", "avg_dev", "mode"]
+MAGPIE_TABLE = "magpie_elements.csv"  # in data/, see data/README.md
+CDVAE_SCALER = "cdvae_comp_scaler.json"
 
 
 # --- structure fingerprint -------------------------------------------------------------------------
@@ -127,72 +130,27 @@ class CrystalNNFingerprint:
 
 
 # --- composition fingerprint -------------------------------------------------------------------------
+def _data_file(name: str):
+    from importlib.resources import files
+
+    return files("xtalgen.evaluation").joinpath("data", name)
+
+
 @cache
 def _magpie_table() -> dict[str, dict[str, float]]:
-    try:  # the original Magpie data when matminer is installed
-        from matminer.utils.data import MagpieData
+    """Symbol → the 22 Magpie properties (NaN where Magpie has no value), from the shipped table."""
+    import csv
+    import io
 
-        data = MagpieData(impute_nan=False)
-        return {
-            el.symbol: {p: float(data.get_elemental_property(el, p)) for p in MAGPIE_PROPERTIES}
-            for el in Element if el.Z <= 103
-        }
-    except ImportError:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pymatgen warns for elements lacking a value
-            return {el.symbol: _pymatgen_magpie_row(el) for el in Element if el.Z <= 103}
-
-
-def _valence_occupations(element: Element) -> dict[str, int]:
-    """Electrons per orbital type beyond the preceding noble-gas core (Magpie's valence counts)."""
-    core = 0
-    for noble in (2, 10, 18, 36, 54, 86):
-        if noble < element.Z:
-            core = noble
-    counts = {"s": 0, "p": 0, "d": 0, "f": 0}
-    seen = 0
-    for _n, orbital, occupancy in element.full_electronic_structure:
-        seen += occupancy
-        if seen > core:
-            counts[orbital] += min(occupancy, seen - core)
-    return counts
-
-
-def _pymatgen_magpie_row(element: Element) -> dict[str, float]:
-    def number(value) -> float:
-        try:
-            return float(value) if value is not None else float("nan")
-        except (TypeError, ValueError):
-            return float("nan")
-
-    valence = _valence_occupations(element)
-    capacity = {"s": 2, "p": 6, "d": 10, "f": 14}
-    unfilled = {o: (capacity[o] - n if n > 0 else 0) for o, n in valence.items()}
-    molar_volume = number(element.molar_volume)  # cm³/mol → Å³/atom
+    rows = csv.DictReader(io.StringIO(_data_file(MAGPIE_TABLE).read_text()))
     return {
-        "Number": float(element.Z),
-        "MendeleevNumber": float("nan"),
-        "AtomicWeight": number(element.atomic_mass),
-        "MeltingT": number(element.melting_point),
-        "Column": number(element.group),
-        "Row": number(element.row),
-        "CovalentRadius": float("nan"),
-        "Electronegativity": number(element.X),
-        "NsValence": valence["s"], "NpValence": valence["p"],
-        "NdValence": valence["d"], "NfValence": valence["f"],
-        "NValence": float(sum(valence.values())),
-        "NsUnfilled": unfilled["s"], "NpUnfilled": unfilled["p"],
-        "NdUnfilled": unfilled["d"], "NfUnfilled": unfilled["f"],
-        "NUnfilled": float(sum(unfilled.values())),
-        "GSvolume_pa": molar_volume * 1e24 / 6.02214076e23,
-        "GSbandgap": float("nan"),
-        "GSmagmom": float("nan"),
-        "SpaceGroupNumber": float("nan"),
+        row["symbol"]: {p: float(row[p]) if row[p] else float("nan") for p in MAGPIE_PROPERTIES}
+        for row in rows
     }
 
 
 def _stat(name: str, values: np.ndarray, weights: np.ndarray) -> float:
-    """matminer's PropertyStats (NaN in → NaN out for min/max/range, as there)."""
+    """matminer's PropertyStats (NaN in → NaN out, as there)."""
     if name == "minimum":
         return float(values.min())
     if name == "maximum":
@@ -211,8 +169,10 @@ def _stat(name: str, values: np.ndarray, weights: np.ndarray) -> float:
 
 
 def composition_fingerprint(composition: Composition) -> np.ndarray:
-    """Magpie ElementProperty vector (132 numbers, may contain NaN)."""
+    """Magpie ElementProperty vector (132 numbers, may contain NaN), as matminer computes it."""
     table = _magpie_table()
+    # matminer weights by the amounts of `element_composition`, not by fractions (the mode's
+    # tie test is np.isclose on these numbers).
     items = list(Composition(composition).element_composition.items())
     weights = np.array([amount for _, amount in items], dtype=np.float64)
     out = []
@@ -222,21 +182,26 @@ def composition_fingerprint(composition: Composition) -> np.ndarray:
     return np.asarray(out)
 
 
+@cache
+def _cdvae_scaler_constants() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    data = json.loads(_data_file(CDVAE_SCALER).read_text())
+    return tuple(data["means"]), tuple(data["stds"])
+
+
 class CompositionScaler:
-    """Standardisation of composition fingerprints, NaN → 0 afterwards (CDVAE's CompScaler)."""
+    """Standardisation of composition fingerprints, NaN → 0 afterwards (CDVAE's StandardScaler
+    with `replace_nan_token=0.`). `CompositionScaler.cdvae()` is CDVAE's fixed one, the default."""
 
     def __init__(self, means: Sequence[float], stds: Sequence[float]):
         self.means = np.asarray(means, dtype=np.float64)
         self.stds = np.asarray(stds, dtype=np.float64)
+        if self.means.shape != (132,) or self.stds.shape != (132,):
+            raise ValueError(f"a composition scaler needs 132 means and stds, got {self.means.shape}, {self.stds.shape}")
 
     @classmethod
-    def fit(cls, fingerprints: np.ndarray) -> CompositionScaler:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-            means = np.nanmean(fingerprints, axis=0)
-            stds = np.nanstd(fingerprints, axis=0)
-        stds = np.where(np.isfinite(stds) & (stds > 0), stds, 1.0)
-        return cls(np.nan_to_num(means), stds)
+    def cdvae(cls) -> CompositionScaler:
+        """CDVAE's `CompScaler`: `CompScalerMeans` / `CompScalerStds` (MP-20 training statistics)."""
+        return cls(*_cdvae_scaler_constants())
 
     @classmethod
     def load(cls, path: str | Path) -> CompositionScaler:
@@ -244,7 +209,8 @@ class CompositionScaler:
         return cls(data["means"], data["stds"])
 
     def transform(self, fingerprints: np.ndarray) -> np.ndarray:
-        scaled = (fingerprints - self.means) / self.stds
+        with np.errstate(invalid="ignore"):
+            scaled = (np.asarray(fingerprints, dtype=np.float64) - self.means) / self.stds
         return np.where(np.isnan(scaled), 0.0, scaled)
 
 
@@ -317,13 +283,11 @@ def load_features(path: str | Path) -> list[dict]:
 
 
 def magpie_source() -> str:
-    """Which elemental table composition fingerprints use (part of any cache key)."""
-    try:
-        import matminer  # noqa: F401
+    """Which elemental table composition fingerprints use (part of any cache key): the shipped table's hash."""
+    import hashlib
 
-        return "matminer"
-    except ImportError:
-        return "pymatgen"
+    digest = hashlib.sha256(_data_file(MAGPIE_TABLE).read_bytes()).hexdigest()[:12]
+    return f"magpie-{digest}"
 
 
 # --- the metrics -------------------------------------------------------------------------------------
@@ -346,14 +310,21 @@ def cdvae_metrics(
     workers: int = 1,
     progress: bool = False,
     test_features: list[dict] | None = None,
+    wdist_samples: int | None = 1000,
+    seed: int = 0,
 ) -> dict:
-    """Validity, COV-R/COV-P and Wasserstein distances of generated structures vs a test split."""
+    """Validity, COV-R/COV-P and Wasserstein distances of generated structures vs a test split.
+
+    `comp_scaler` defaults to CDVAE's fixed scaler. The Wasserstein distances use `wdist_samples`
+    valid generated structures drawn without replacement (seeded), as CDVAE's `GenEval` does with
+    1,000; all valid ones when there are no more than that, or when `wdist_samples` is None.
+    """
     struct_cutoff, comp_cutoff = COV_CUTOFFS[dataset]
     gen = featurize(generated, workers, progress)
     ref = test_features if test_features is not None else featurize(test, workers, progress)
 
     ref_ok = [f for f in ref if f["struct_fp"] is not None]
-    scaler = comp_scaler or CompositionScaler.fit(np.stack([f["comp_fp"] for f in ref_ok]))
+    scaler = comp_scaler or CompositionScaler.cdvae()  # fixed, never fitted on these structures
     ref_struct = np.stack([f["struct_fp"] for f in ref_ok])  # (M, 61)
     ref_comp = scaler.transform(np.stack([f["comp_fp"] for f in ref_ok]))  # (M, 132)
     gen_ok = [f for f in gen if f["struct_fp"] is not None and f["comp_fp"] is not None]
@@ -386,6 +357,10 @@ def cdvae_metrics(
     metrics["validity"] = float(np.mean([f["valid"] for f in gen])) if n_gen else float("nan")
 
     valid = [f for f in gen if f["valid"]]
+    if wdist_samples is not None and len(valid) > wdist_samples:
+        chosen = np.random.default_rng(seed).choice(len(valid), wdist_samples, replace=False)
+        valid = [valid[i] for i in chosen]
+    metrics["wdist_samples"] = len(valid)
     if valid:
         metrics["wdist_density"] = float(wasserstein_distance(
             [f["density"] for f in valid], [f["density"] for f in ref]))
