@@ -22,6 +22,18 @@ E_HULL_BIN = 0.1  # eV/atom
 
 
 def plot_e_above_hull(rows: list[dict], path: Path, threshold: float = 0.1) -> Path | None:
+    fig = e_above_hull_figure(rows, threshold)
+    return _save(fig, path) if fig is not None else None
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def e_above_hull_figure(rows: list[dict], threshold: float = 0.1):
+    """Histogram of energies above hull, each bar labelled with its count; None without values."""
     values = [r["e_above_hull"] for r in rows if isinstance(r.get("e_above_hull"), float) and np.isfinite(r["e_above_hull"])]
     if not values:
         return None
@@ -40,9 +52,7 @@ def plot_e_above_hull(rows: list[dict], path: Path, threshold: float = 0.1) -> P
     ax.set_title(_count_title("Energy above hull", len(values), len(rows), "with an energy above hull"))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _count_title(title: str, n: int, total: int, what: str) -> str:
@@ -51,6 +61,11 @@ def _count_title(title: str, n: int, total: int, what: str) -> str:
 
 
 def plot_element_frequencies(rows: list[dict], path: Path, top: int = 40) -> Path | None:
+    fig = element_frequencies_figure(rows, top)
+    return _save(fig, path) if fig is not None else None
+
+
+def element_frequencies_figure(rows: list[dict], top: int = 40):
     counts: Counter = Counter()
     for row in rows:
         if row.get("chemical_system"):
@@ -68,9 +83,7 @@ def plot_element_frequencies(rows: list[dict], path: Path, top: int = 40) -> Pat
     ax.set_title(_count_title("Element frequencies", parsed, len(rows), "that could be read"))
     ax.tick_params(axis="x", labelrotation=90)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_property_vs_target(rows: list[dict], name: str, path: Path) -> Path | None:
