@@ -141,7 +141,8 @@ def test_wasserstein_distances_use_a_seeded_subset_of_valid_structures():
 def test_reference_data_ship_as_package_data():
     data = REPO_ROOT / "evaluation" / "data"
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "data/*" in config["package-data"]["xtalgen.evaluation"]
+    assert "xtalgen.evaluation.data" in config["packages"]
+    assert config["package-data"]["xtalgen.evaluation.data"] == ["*"]
     for name in ("magpie_elements.csv", "cdvae_comp_scaler.json", "README.md", "CDVAE_LICENSE", "MATMINER_LICENSE"):
         assert (data / name).is_file(), name
     assert sum(p.stat().st_size for p in data.iterdir()) < 40_000
