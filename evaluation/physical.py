@@ -113,8 +113,10 @@ def _values_of_path(path: Path) -> Iterable[float]:
 
 
 def check_relaxation_volume(start_volume_per_atom: float, current_volume_per_atom: float,
-                            factor: float = RUNAWAY_VOLUME_FACTOR) -> None:
-    """Raise RelaxationRunaway when the volume per atom left [start / factor, start * factor]."""
+                            factor: float | None = None) -> None:
+    """Raise RelaxationRunaway when the volume per atom left [start / factor, start * factor]
+    (factor: `RUNAWAY_VOLUME_FACTOR` by default)."""
+    factor = RUNAWAY_VOLUME_FACTOR if factor is None else factor
     ratio = current_volume_per_atom / start_volume_per_atom
     if not (math.isfinite(ratio) and 1 / factor <= ratio <= factor):
         raise RelaxationRunaway(

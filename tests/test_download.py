@@ -181,3 +181,53 @@ def test_zip_members_cannot_escape_the_folder(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         safe_unzip(archive, tmp_path / "out")
     assert not (tmp_path / "outside.csv").exists()
+
+
+def _hull_file_bytes() -> bytes:
+    """A small hull file in the layout of the published one (gzipped pandas frame, `entry` column)."""
+    import gzip
+    import json
+
+    from pymatgen.core import Composition
+    from pymatgen.entries.computed_entries import ComputedEntry
+
+    entries = [ComputedEntry(Composition(f), e, parameters={"run_type": "GGA"}, entry_id=f"mp-{i}").as_dict()
+               for i, (f, e) in enumerate([("Na", -1.3), ("Cl2", -3.6), ("NaCl", -6.6)])]
+    frame = {"material_id": {str(i): e["entry_id"] for i, e in enumerate(entries)},
+             "entry": {str(i): e for i, e in enumerate(entries)}}
+    return gzip.compress(json.dumps(frame).encode(), mtime=0)
+
+
+def test_hull_reference_is_registered_with_its_published_hashes():
+    source = DATASETS["mp_hull"]
+    (remote,) = source.files
+    assert remote.name == "2023-02-07-mp-computed-structure-entries.json.gz"  # JSON, never a pickle
+    assert remote.url == "https://figshare.com/ndownloader/files/40344436"
+    assert len(remote.sha256) == 64 and len(remote.md5) == 32 and not remote.unzip
+    assert "--hull" in source.next_step
+
+
+def test_hull_reference_download_is_checked_and_readable(server, tmp_path):
+    from xtalgen.datasets.download import RemoteFile, verify_file
+    from xtalgen.evaluation.hull import load_hull_entries
+
+    data = _hull_file_bytes()
+    server.files["hull.json.gz"] = data
+    name = DATASETS["mp_hull"].files[0].name
+    folder = download_dataset("mp_hull", tmp_path / "hull", url=f"{server.base}/hull.json.gz",
+                              sha256=hashlib.sha256(data).hexdigest(), progress=False)
+    assert (folder / name).read_bytes() == data
+    rows = load_hull_entries(folder)  # the folder holds exactly the one hull file
+    assert [r["id"] for r in rows] == ["mp-0", "mp-1", "mp-2"]
+    assert [r["energy_per_atom"] for r in rows] == pytest.approx([-1.3, -1.8, -3.3])
+    # A wrong sha256 leaves nothing behind.
+    with pytest.raises(ChecksumError, match="sha256 .*expected " + "1" * 64):
+        download_dataset("mp_hull", tmp_path / "bad", url=f"{server.base}/hull.json.gz", sha256="1" * 64,
+                         progress=False)
+    assert not [p for p in (tmp_path / "bad").rglob("*") if p.is_file()]
+    # The publisher's md5 is checked too.
+    copy = tmp_path / "copy.json.gz"
+    copy.write_bytes(data)
+    with pytest.raises(ChecksumError, match="md5"):
+        verify_file(copy, RemoteFile(name="copy", url="-", sha256=hashlib.sha256(data).hexdigest(), md5="0" * 32))
+    assert not copy.exists()

@@ -258,3 +258,51 @@ def test_cli_missing_hull_file_is_a_one_line_error(perov_val, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", str(cif_dir), "--out", str(out), "--hull", str(tmp_path / "nope.json.gz")]) == 2
     assert not out.exists()
+
+
+# --- periodic sampling during training -------------------------------------------------------------------
+def test_periodic_pass_logs_physical_rate_and_estimates_stability_with_a_hull(hull_file, tmp_path):
+    from xtalgen.sampling.periodic import PREFIX, _evaluate, _Stability
+    from xtalgen.schema import load_config
+
+    cfg = load_config(overrides=[f"evaluate.cache_dir={tmp_path / 'cache'}"])
+    structures = [rock_salt(5.64), rock_salt(5.70), blown_up(rock_salt(5.64), 4.9e8), rock_salt(5.64)]
+    rows = [{"id": f"sample-{i}", "conditions": {}, "formula": s.composition.reduced_formula,
+             "num_atoms": len(s)} for i, s in enumerate(structures)]
+    reference = [rock_salt(5.5, ("K", "Cl"))]  # NaCl is novel against it
+    # Without a hull: the physical-cell rate, and no stability.
+    plain = _evaluate(structures, rows, reference, relax=False, stability=_Stability(cfg, None))
+    assert plain[PREFIX + "physical_cell_rate"] == 0.75
+    assert PREFIX + "stable_rate" not in plain
+    # With a hull: the first 3 samples are relaxed (cheaply) and scored.
+    stability = _Stability(cfg, hull_file, relax_count=3, relax_steps=5)
+    potential = StandInPotential({"NaCl": -3.25}, {"NaCl": 0.0}, fail_at=5.70)
+    stability._potential = potential
+    metrics = _evaluate(structures, rows, reference, relax=False, stability=stability)
+    assert potential.relaxed == ["NaCl", "NaCl"]  # sample 1 fails, sample 2 is not physical
+    assert metrics[PREFIX + "physical_cell_rate"] == 0.75
+    assert metrics[PREFIX + "stability_sample_count"] == 3.0
+    assert metrics[PREFIX + "stable_rate"] == pytest.approx(1 / 3)
+    assert metrics[PREFIX + "sun_rate"] == pytest.approx(1 / 3)  # sample 0: stable, unique, novel
+    assert metrics[PREFIX + "relax_failures"] == 2.0
+    table = metrics[PREFIX + "structures"]
+    assert [r.get("stable") for r in table] == [True, False, False, None]
+    assert table[0]["sun"] is True and table[3].get("sun") is None
+
+
+def test_periodic_pass_of_a_model_logs_the_physical_cell_rate(monkeypatch):
+    import torch
+
+    from xtalgen.models.diffusion import build_model
+    from xtalgen.sampling.periodic import HULL_ENV, PREFIX, make_periodic_sampler
+    from xtalgen.schema import load_config
+
+    monkeypatch.delenv(HULL_ENV, raising=False)
+    cfg = load_config(overrides=["model.score_net.preset=debug", "train.sample_count=3", "train.sample_steps=2",
+                                 "sample.corrector_steps=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, {"mean_density": 0.05, "num_atoms_histogram": {4: 1}})
+    metrics = make_periodic_sampler(cfg)(model, 7)
+    table = metrics[PREFIX + "structures"]
+    assert metrics[PREFIX + "physical_cell_rate"] == sum(bool(r.get("physical_cell")) for r in table) / 3
+    assert all("volume_per_atom" in r for r in table)

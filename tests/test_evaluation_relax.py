@@ -56,7 +56,7 @@ def test_builtin_elemental_references_give_nacl_formation_energy(tmp_path):
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     nacl = nacl.get_primitive_structure()
     cfg = EvaluateConfig(cache_dir=str(tmp_path), relax_steps=150)
-    rows, _ = evaluate_structures([nacl], relax=True, cfg=cfg)
+    rows, _ = evaluate_structures([nacl], relax=True, cfg=cfg, allow_elements_only_hull=True)
     assert -2.6 < rows[0]["formation_energy_per_atom"] < -1.6
     assert rows[0]["e_above_hull"] < 0  # below the elemental-only hull
     cache = json.loads((tmp_path / "elemental" / "chgnet.json").read_text())
@@ -138,3 +138,42 @@ def test_process_pool_gets_the_potential_by_name_even_after_this_process_loaded_
     models.model  # noqa: B018 - loads CHGNet in this process
     assert models.relax_target == "chgnet"
     assert _Potentials(EvaluateConfig(workers=1), None).relax_target is not None
+
+
+def test_real_compounds_without_a_hull_are_not_reported_stable(shared_data, mp_elemental, tmp_path, capsys):
+    """DFT-relaxed perovskites, relaxed with CHGNet, no reference and no hull: an elements-only hull
+    would call them all stable (negative formation energies); the evaluator says it cannot judge."""
+    from xtalgen.cli import main
+
+    frame = pd.read_csv(shared_data / "perov_5" / "test.csv", nrows=3, index_col=0)
+    frame.to_csv(tmp_path / "real.csv")
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(tmp_path / "real.csv"), "--out", str(out), "--no-progress", "--no-plots",
+            "relax_steps=3", f"cache_dir={tmp_path / 'cache'}", f"elemental_reference={mp_elemental}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "stable, SUN: not assessed (no hull of real compounds" in printed
+    assert "stable 100" not in printed
+    assert "physical cell 100.0%" in printed and "RMSD generated -> relaxed" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stable_rate"] is None and summary["sun_rate"] is None
+    assert summary["stability_not_assessed_reason"].startswith("no hull of real compounds")
+    assert summary["relaxed_count"] == 3 and summary["relax_failures"] == 0
+    assert 0 <= summary["rmsd_median"] <= summary["rmsd_p90"] <= summary["rmsd_max"]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_runaway_guard_stops_serial_and_batched_relaxations(perov_val, monkeypatch, batch):
+    """With the allowed volume change made tiny, any cell relaxation is a runaway: proves the guard
+    is in the path of both the serial (StructOptimizer) and the batched relaxation."""
+    from xtalgen.evaluation import physical
+    from xtalgen.evaluation.relax import load_potential, relax_many
+
+    monkeypatch.setattr(physical, "RUNAWAY_VOLUME_FACTOR", 1.0 + 1e-9)
+    squeezed = _perov(perov_val, [1, 2])
+    for s in squeezed:
+        s.scale_lattice(s.volume * 0.85)  # the relaxation must expand these cells
+    results = list(relax_many(list(enumerate(squeezed)), load_potential("chgnet"), steps=5, batch=batch))
+    assert len(results) == 2
+    for _, result, error in results:
+        assert result is None and "relaxation ran away" in error
