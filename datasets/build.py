@@ -113,6 +113,8 @@ def build_shards(
     if cfg.shard.chunk_size < 1:
         raise ConfigError("config key 'data.shard.chunk_size': must be >= 1")
 
+    _check_inputs_exist(inputs)
+
     out_dir = Path(out_dir)
     build_dir = out_dir / BUILD_DIR
     inputs = _input_files(inputs, out_dir)
@@ -153,6 +155,21 @@ def build_shards(
 # ---------------------------------------------------------------------------------------------
 # Fingerprints
 # ---------------------------------------------------------------------------------------------
+def _check_inputs_exist(inputs: Sequence[str]) -> None:
+    """A missing input or an unknown builtin set is a mistake in the command, not a bad record: refuse
+    the build before anything is written (a file that exists but cannot be read is a rejection)."""
+    from xtalgen.datasets.builtin import BUILTIN_SETS
+
+    for name in map(str, inputs):
+        if name.startswith(BUILTIN_PREFIX):
+            dataset = name[len(BUILTIN_PREFIX):]
+            if dataset not in BUILTIN_SETS:
+                choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)
+                raise ConfigError(f"input {name}: unknown builtin set {dataset!r}; available: {choices}")
+        elif not os.path.exists(name):
+            raise ConfigError(f"input {name}: no such file or folder")
+
+
 def _input_files(inputs: Sequence[str], out_dir: Path) -> list[str]:
     """Inputs with folders expanded, minus anything inside `out_dir` (its own rejects.csv when
     the output folder sits inside an input folder)."""

@@ -115,3 +115,22 @@ def test_data_list_names_the_public_sets(capsys):
 def test_verify_of_a_folder_without_manifest_fails_clearly(tmp_path, capsys):
     assert main(["shard", "verify", str(tmp_path)]) == 1
     assert "manifest.json" in capsys.readouterr().err
+
+
+def test_build_of_a_missing_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "shards"
+    result = xtalgen("shard", "build", tmp_path / "missing.csv", "--out", out, check=False)
+    assert result.returncode == 2
+    assert result.stderr == f"xtalgen: error: input {tmp_path / 'missing.csv'}: no such file or folder\n"
+    assert not out.exists()
+    # one missing input among good ones still stops the build before anything is written
+    good = tmp_path / "good.csv"
+    good.write_text("material_id,cif\n")
+    out.mkdir()
+    assert main(["shard", "build", str(good), str(tmp_path / "gone.extxyz"), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gone.extxyz: no such file or folder" in err
+    assert list(out.iterdir()) == []
+    assert main(["shard", "build", "builtin:aflw", "--out", str(out), "--quiet"]) == 2
+    assert "unknown builtin set 'aflw'; available: builtin:aflow" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
