@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import pickle
+import re
 import sys
 from pathlib import Path
 
 EPILOG = """examples:
   xtalgen sample model.pt --out samples --num-samples 1000 --batch-size 64
+  xtalgen sample runs/mp20/checkpoints/latest --out samples   # EMA weights of a run's latest checkpoint
   xtalgen sample runs/mp20 --out gap3 --condition dft_band_gap=3.0 --guidance 2.0
   xtalgen sample model.pt --out licoo --condition chemical_system=Li-Co-O --num-atoms 12
   xtalgen sample model.pt --out fast --steps 200 sample.coord_snr=0.3     # dotted config overrides
   torchrun --nproc-per-node 4 -m xtalgen.cli sample model.pt --out big --num-samples 100000
   xtalgen sample --merge big                          # union of the rank parts, if a rank was lost
+
+CHECKPOINT is a model file (`xtalgen train consolidate`), a training run directory, its checkpoints/
+directory, the `latest` file in it, or one checkpoint directory: the EMA weights of that checkpoint
+(the latest one for a run) are consolidated in memory; nothing is written into the run.
 
 Each rank writes its own part (samples.rank{r}.jsonl/.extxyz) and rank 0 merges them into
 samples.jsonl / samples.extxyz, ordered by id. Rerunning the same command continues an interrupted
@@ -22,9 +30,7 @@ whatever the number of ranks.
 """
 
 _SECTIONS = ("data", "model", "train", "sample", "evaluate")
-
-
-
+RUN_MODEL_FILE = "model.pt"  # a consolidated model kept in a directory without checkpoints
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -34,7 +40,9 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", nargs="?", help="single-file model (model.pt) or a run directory")
+    parser.add_argument("checkpoint", nargs="?",
+                        help="model file (model.pt), run directory, its checkpoints/ or checkpoints/latest, "
+                             "or one checkpoint directory")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. sample.coord_snr=0.3 (the `sample.` prefix is optional)")
     parser.add_argument("--out", help="output directory (created; an existing one is resumed)")
@@ -68,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from xtalgen.models.io import load_model
-    from xtalgen.sampling.driver import resolve_checkpoint, sample_to_directory
+    from xtalgen.sampling.driver import sample_to_directory
     from xtalgen.sampling.plan import rank_from_env
 
     rank, world_size = rank_from_env()
@@ -77,14 +84,11 @@ def run(args: argparse.Namespace) -> int:
     world_size = args.world_size if args.world_size is not None else world_size
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        model, model_cfg, stats = load_model(checkpoint, map_location="cpu")
-    except (FileNotFoundError, ValueError) as exc:  # a wrong path or not a model file: say so, no traceback
-        raise ConfigError(str(exc)) from None
+    model, model_cfg, stats, checkpoint = load_for_sampling(args.checkpoint)
+    _check_same_checkpoint(Path(args.out), checkpoint)
     summary = sample_to_directory(
         model, model_cfg, stats, cfg, args.out,
-        checkpoint=str(checkpoint.resolve()),
+        checkpoint=str(checkpoint),
         rank=rank, world_size=world_size,
         device=torch.device(args.device) if args.device else None,
         progress=rank == 0 and not args.no_progress,  # one bar, not W interleaved ones
@@ -97,6 +101,68 @@ def run(args: argparse.Namespace) -> int:
     if summary.merge is None:
         return 0
     return _report_merge(summary.merge)
+
+
+def load_for_sampling(source: str):
+    """(model, model config, stats, resolved path) from a model file or a training run/checkpoint.
+
+    A model file is loaded weights-only. A directory (or `checkpoints/latest`) is consolidated in
+    memory by `xtalgen train consolidate`'s own code path (EMA weights, weights-only reads, no
+    DeepSpeed), imported only then: sampling a model file never loads the training stack.
+    Any problem is a one-line `ConfigError` naming the path.
+    """
+    from xtalgen.schema import ConfigError
+
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {source}: no such file or directory")
+    if path.is_dir() or path.name == "latest":
+        from xtalgen.train.consolidate import consolidated_model
+
+        try:
+            model, model_cfg, stats, extra = consolidated_model(path, use_ema=True)
+            return model, model_cfg, stats, Path(extra["checkpoint"]).resolve()
+        except FileNotFoundError as exc:
+            if not (path / RUN_MODEL_FILE).is_file():
+                raise ConfigError(f"checkpoint {source}: {_first_line(exc)}") from None
+            path = path / RUN_MODEL_FILE
+        except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise ConfigError(f"checkpoint {source}: {_first_line(exc)}") from None
+    from xtalgen.models.io import load_model
+
+    try:
+        model, model_cfg, stats = load_model(path, map_location="cpu")
+    except ValueError as exc:  # the loader's own check names the file and the format it found
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+    except (OSError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{path}: not an xtalgen model file ({_first_line(exc)})") from None
+    return model, model_cfg, stats, path.resolve()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours part of its messages
+    if isinstance(exc, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        return "it holds Python objects, not only tensors; refused by the weights-only loader"
+    lines = text.splitlines()
+    text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _check_same_checkpoint(out_dir: Path, checkpoint: Path) -> None:
+    """A run directory's weights change as it trains: resuming an output directory with another
+    checkpoint directory would mix two models (a model file is compared by its sha256 instead)."""
+    from xtalgen.sampling.writer import REQUEST_NAME
+    from xtalgen.schema import ConfigError
+
+    if not checkpoint.is_dir():
+        return
+    try:
+        previous = json.loads((out_dir / REQUEST_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    if previous.get("checkpoint") != str(checkpoint):
+        raise ConfigError(f"{out_dir} holds samples of {previous.get('checkpoint')!r}, not of checkpoint "
+                          f"{checkpoint}; use a new --out directory, or delete this one to start over")
 
 
 def _sample_config(args: argparse.Namespace):

@@ -1,7 +1,9 @@
 """`xtalgen sample` end to end with a real (tiny, untrained) model saved by `save_model`.
 
 Same seed -> same bytes; a run killed with SIGKILL and rerun equals an uninterrupted run; two ranks
-(RANK/WORLD_SIZE) plus the merge equal one rank; conditions are checked against the model.
+(RANK/WORLD_SIZE) plus the merge equal one rank; conditions are checked against the model. A
+training run (directory, checkpoints/, checkpoints/latest, one checkpoint) samples exactly like its
+consolidated model file; anything that is not a model is a one-line error that writes nothing.
 """
 
 from __future__ import annotations
@@ -186,10 +188,163 @@ def test_sample_overrides_and_help(model_file, tmp_path, capsys):
     assert main(["sample", str(model_file), "--out", str(out), "sample.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
-    assert main(["sample", str(tmp_path), "--out", str(out)]) == 2  # a directory without model.pt
-    assert "xtalgen train consolidate" in capsys.readouterr().err
+    assert "missing.pt: no such file or directory" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path), "--out", str(out)]) == 2  # neither checkpoints nor model.pt
+    assert f"no checkpoint found at {tmp_path}" in capsys.readouterr().err
     assert main(["sample", "--merge", str(tmp_path)]) == 2
     assert "not a sampling output directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "xtalgen sample model.pt --out samples" in capsys.readouterr().out
+
+
+# --- what CHECKPOINT may be --------------------------------------------------------------------------
+TINY_TRAIN = [
+    "model.score_net.hidden=16", "model.score_net.num_layers=1", "model.score_net.num_rbf=8",
+    "model.score_net.cutoff=4.0", "model.score_net.max_neighbors=12", "train.max_steps=3",
+    "train.global_batch_structures=4", "train.micro_batch_structures=4", "train.log_every=1",
+    "train.checkpoint_every=2", "train.ema_decay=0.5", "train.wandb.enabled=false",
+]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+SMALL = ["--num-samples", "3", "--batch-size", "3", "--steps", "2", "--seed", "5", "--no-progress",
+         "sample.corrector_steps=0"]
+
+
+def _fresh_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xtalgen.cli", *args], env=_fresh_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def training_run(perov_val, tmp_path_factory) -> Path:
+    """A real 3-step training run of the diffusion model (one process, DeepSpeed, tiny network)."""
+    import pandas as pd
+
+    from xtalgen.datasets.build import build_shards
+    from xtalgen.schema import DataConfig
+
+    root = tmp_path_factory.mktemp("training_run")
+    pd.read_csv(perov_val, nrows=16).to_csv(root / "perov16.csv", index=False)
+    build_shards([str(root / "perov16.csv")], root / "shards", DataConfig(), fmt="lmdb", workers=1, progress=False)
+    result = _run("train", "debug", f"data.shards={root / 'shards'}", f"train.run_dir={root / 'run'}", *TINY_TRAIN)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return root / "run"
+
+
+def test_sample_takes_a_run_its_checkpoints_latest_or_one_checkpoint(training_run, tmp_path):
+    # The example `xtalgen --help` prints, as a user types it: `latest` is a text file naming a tag.
+    latest = training_run / "checkpoints" / "latest"
+    assert latest.read_text().strip() == "step_00000003"
+    result = _run("sample", str(latest), "--out", str(tmp_path / "latest"), *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    # the consolidated EMA weights of the newest checkpoint: the same samples as `train consolidate`
+    model = tmp_path / "model.pt"
+    assert main(["train", "consolidate", str(training_run), "--out", str(model)]) == 0
+    assert main(["sample", str(model), "--out", str(tmp_path / "file"), *SMALL]) == 0
+    expected = (tmp_path / "file" / "samples.extxyz").read_text()
+    assert expected.count("Lattice=") == 3
+    sources = {"run": training_run, "checkpoints": training_run / "checkpoints",
+               "tag": training_run / "checkpoints" / "step_00000003"}
+    for name, source in sources.items():
+        assert main(["sample", str(source), "--out", str(tmp_path / name), *SMALL]) == 0, name
+    for name in ("latest", *sources):
+        assert (tmp_path / name / "samples.extxyz").read_text() == expected, name
+        request = json.loads((tmp_path / name / "request.json").read_text())
+        assert request["checkpoint"] == str((training_run / "checkpoints" / "step_00000003").resolve())
+    # an older checkpoint is other weights (3 steps apart): other structures
+    assert main(["sample", str(training_run / "checkpoints" / "step_00000002"), "--out", str(tmp_path / "old"),
+                 *SMALL]) == 0
+    assert (tmp_path / "old" / "samples.extxyz").read_text() != expected
+
+
+def test_resuming_an_output_with_another_checkpoint_is_refused(training_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sample", str(training_run), "--out", str(out), *SMALL]) == 0
+    before = _snapshot(out)
+    older = training_run / "checkpoints" / "step_00000002"
+    assert main(["sample", str(older), "--out", str(out), *SMALL]) == 2
+    assert "step_00000002" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_sampling_a_run_never_imports_deepspeed(training_run):
+    """Consolidation for sampling reads weights-only files; a model file does not even load training."""
+    code = (
+        "import sys\n"
+        "from xtalgen.sampling.cli import load_for_sampling\n"
+        f"load_for_sampling({str(training_run)!r})\n"
+        "assert 'deepspeed' not in sys.modules, 'deepspeed imported'\n"
+        f"load_for_sampling({str(training_run / 'checkpoints' / 'latest')!r})\n"
+        "assert 'deepspeed' not in sys.modules, 'deepspeed imported'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=_fresh_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_model_file_sampling_never_imports_training(model_file, tmp_path):
+    code = (
+        "import sys\n"
+        "from xtalgen.cli import main\n"
+        f"assert main(['sample', {str(model_file)!r}, '--out', {str(tmp_path / 'out')!r}, "
+        "'--num-samples', '1', '--steps', '1', '--no-progress']) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('xtalgen.train', 'deepspeed', 'wandb')))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=_fresh_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+class _RunsCode:
+    """Unpickling this would create a folder: the weights-only loader must refuse it instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_file_that_is_not_a_model_is_one_line_naming_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "xtalgen-model-v1", "state_dict": _RunsCode(marker)}, evil)
+    result = _run("sample", str(evil), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # one line, no traceback
+    assert result.stderr.startswith("xtalgen: error: ") and str(evil) in result.stderr
+    assert "weights-only" in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "EOFError"),
+    (b"cif,formula\nnot,a model\n", "not an xtalgen model file"),
+    (b"\x80\x02garbage", "not an xtalgen model file"),
+    ("tensors", "format None, expected 'xtalgen-model-v1'"),
+    ("latest_pointing_nowhere", "no checkpoint found"),
+])
+def test_unreadable_checkpoints_are_one_line_errors_that_write_nothing(content, why, tmp_path, capsys):
+    path = tmp_path / "thing.pt"
+    if content == "tensors":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif content == "latest_pointing_nowhere":
+        path = tmp_path / "checkpoints" / "latest"
+        path.parent.mkdir()
+        path.write_text("step_00000007")
+    else:
+        path.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["sample", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("xtalgen: error: "), err
+    assert str(path) in err and why in err, err
+    assert not out.exists()
