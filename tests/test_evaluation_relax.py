@@ -131,13 +131,21 @@ def test_process_pool_gets_the_potential_by_name_even_after_this_process_loaded_
     """The hull stage loads the model for elemental references before relaxing the reference set
     over a pool; the pool must still get the registry name (a loaded model cannot be shipped)."""
     from xtalgen.evaluation.pipeline import _Potentials
+    from xtalgen.evaluation.relax import Potential
     from xtalgen.schema import EvaluateConfig
 
     models = _Potentials(EvaluateConfig(workers=2), None)
     assert models.relax_target == "chgnet"
-    models.model  # noqa: B018 - loads CHGNet in this process
-    assert models.relax_target == "chgnet"
-    assert _Potentials(EvaluateConfig(workers=1), None).relax_target is not None
+    loaded = models.model  # loads CHGNet in this process
+    assert isinstance(loaded, Potential)
+    assert models.relax_target == "chgnet"  # still the name, not the loaded model
+    # one process relaxes in place with the model it loaded once (never a second copy, never a name)
+    serial = _Potentials(EvaluateConfig(workers=1), None)
+    target = serial.relax_target
+    assert isinstance(target, Potential) and target is serial.model
+    # a potential handed in has no registry name to give a pool: the object itself is used
+    given = _Potentials(EvaluateConfig(workers=2), loaded)
+    assert given.relax_target is loaded
 
 
 def test_real_compounds_without_a_hull_are_not_reported_stable(shared_data, mp_elemental, tmp_path, capsys):

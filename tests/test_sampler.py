@@ -161,6 +161,15 @@ def test_sample_num_atoms_follows_the_histogram():
         sample_num_atoms({"mean_density": 0.05}, 3)
 
 
-def test_wrap_of_final_coordinates_is_idempotent():
-    x = torch.tensor([[0.25, 0.999999, 0.0]], dtype=torch.float64)
-    assert torch.equal(wrap(wrap(x)), wrap(x))
+def test_wrap_puts_coordinates_outside_the_cell_into_it():
+    x = torch.tensor([[-0.25, 1.0, 3.75], [-1e-18, -2.0, 0.5], [1.999999, -0.0, -7.125]], dtype=torch.float64)
+    expected = torch.tensor([[0.75, 0.0, 0.75], [0.0, 0.0, 0.5], [0.999999, 0.0, 0.875]], dtype=torch.float64)
+    wrapped = wrap(x)
+    torch.testing.assert_close(wrapped, expected, rtol=0, atol=1e-12)
+    assert bool(((wrapped >= 0) & (wrapped < 1)).all())  # -1e-18 % 1 rounds to 1.0: it must become 0
+    shift = wrapped - x  # a whole number of cells, never a move inside the cell
+    torch.testing.assert_close(shift, shift.round(), rtol=0, atol=1e-12)
+    assert torch.equal(wrap(wrapped), wrapped)
+    x32 = torch.tensor([-1e-9, 1.0 - 2**-25, 5.5], dtype=torch.float32)
+    w32 = wrap(x32)
+    assert bool(((w32 >= 0) & (w32 < 1)).all()), w32
