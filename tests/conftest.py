@@ -15,6 +15,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def running_in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_configure(config) -> None:
+    """Most test files need the shared data and skip without it: a green run that tested little.
+    On a developer's machine that is a choice; under CI it is a broken setup, so stop loudly."""
+    if running_in_ci() and not SHARED_DATA.is_dir():
+        raise pytest.UsageError(
+            f"CI is set but the shared test data is missing at {SHARED_DATA} (expected ../shared/data beside "
+            "the repository, or XTALGEN_SHARED_DATA); most tests would skip and the run would look green"
+        )
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
