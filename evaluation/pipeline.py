@@ -11,7 +11,10 @@ Two stages:
    energy above the hull of the reference set (see `hull.py`), stable / SUN flags, targets.
 
 Rates in the summary are over all evaluated structures, as MatterGen reports them (an invalid or
-unrelaxable structure counts as not stable). Novelty and SUN are None when no reference is given.
+unrelaxable structure counts as not stable). Structural validity includes a physical cell (volume
+per atom in a band, see physical.py); cells outside it are not relaxed. Novelty and SUN are None
+when no reference is given; stability and SUN are None ("not assessed", with the reason) when the
+hull would hold elemental references only (no hull file, no reference set), unless allowed.
 """
 
 from __future__ import annotations
@@ -442,6 +445,12 @@ def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, prog
         else:
             source = "elemental references only (allowed by --allow-elements-only-hull)"
             notes.append("hull from elemental references only: energies above it are formation energies")
+    compound_systems = {frozenset(el.symbol for el in Composition(c).elements) for c in compositions}
+    compound_systems = {system for system in compound_systems if len(system) > 1}
+    bare = sum(1 for k in with_energy if not _all_subsystems({_system(evaluated[k])}) & compound_systems)
+    if bare and (options.hull is not None or reference is not None):
+        notes.append(f"{bare} of {len(with_energy)} structures lie in chemical systems without any reference "
+                     "compound: their hull is the elements alone, so 'stable' there means a negative formation energy")
     hull = hull_lib.ConvexHullReference(compositions, energies)
     for k in with_energy:
         row, composition = rows[k], evaluated[k].composition
