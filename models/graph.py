@@ -32,8 +32,14 @@ DEFAULT_MAX_PAIRS_PER_CHUNK = 1 << 21
 # for millions of images; neighbours beyond the cap are then missed, which only happens for cells
 # thinner than cutoff / MAX_IMAGES_PER_DIM Å.
 DEFAULT_MAX_IMAGES_PER_DIM = 12
-# Neighbour ranking resolves distances to 1e-8 Å (see `_edges_of_structures`).
+# Neighbour ranking resolves distances to 1e-8 Å (see `_canonical_order`).
 DISTANCE_RESOLUTION_INV = 1e8
+# Packed sort keys of `_canonical_order`: a distance on that grid takes 40 bits (cutoffs < 10^4 Å),
+# leaving 23 for the atom index of the target; an image component takes 10 bits (|shift| < 512, far
+# beyond the cap of images per direction plus the wrap-around), leaving 33 for the source.
+DISTANCE_KEY_BITS = 40
+IMAGE_KEY_BITS = 10
+IMAGE_KEY_OFFSET = 1 << (IMAGE_KEY_BITS - 1)
 
 
 class PeriodicGraph(NamedTuple):
@@ -90,15 +96,24 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
     if bad.any():
         raise ValueError(f"singular or non-finite lattice in structures {bad.nonzero().flatten().tolist()}")
     frac = torch.einsum("ni,nij->nj", cart, inv_lattice[batch_index])  # (N, 3)
-    cell_of_atom = torch.floor(frac)  # (N, 3) which cell copy each input position sits in
-    wrapped = frac - cell_of_atom  # (N, 3) fractional, in [0, 1]
-
-    # Wrapped fractional differences lie in [-1, 1], so a neighbour within the cutoff needs
-    # |n_k| <= cutoff * |b_k| + 1 along reciprocal direction b_k.
-    recip_norm = inv_lattice.norm(dim=1)  # (B, 3)
     if not torch.isfinite(frac).all():
         bad = batch_index[~torch.isfinite(frac).all(dim=1)].unique().tolist()
         raise ValueError(f"non-finite coordinates in structures {bad}")
+    cell_of_atom = torch.floor(frac)  # (N, 3) which cell copy each input position sits in
+
+    # Images are enumerated in a reduced basis of the same lattice (L_red = U L, U unimodular): a
+    # skewed cell, common among noisy lattices, needs up to 25^3 images in its own basis and a few
+    # dozen in a reduced one. The edges found are the same; their order and the neighbour cap are
+    # then decided in the given basis (see `_canonical_order`), so the graph does not depend on U.
+    reduced, unimodular = _reduce_basis(lattice)  # (B, 3, 3) each
+    inv_reduced = torch.linalg.inv(reduced)
+    frac_reduced = torch.einsum("ni,nij->nj", cart, inv_reduced[batch_index])  # (N, 3)
+    cell_reduced = torch.floor(frac_reduced)
+    wrapped = frac_reduced - cell_reduced  # (N, 3) fractional in the reduced basis, in [0, 1]
+
+    # Wrapped fractional differences lie in [-1, 1], so a neighbour within the cutoff needs
+    # |n_k| <= cutoff * |b_k| + 1 along reciprocal direction b_k.
+    recip_norm = inv_reduced.norm(dim=1)  # (B, 3)
     images = (torch.floor(cutoff * recip_norm) + 1).clamp(max=max_images).long()  # (B, 3)
     images_count = (2 * images + 1).prod(dim=1)  # (B,)
     pairs = num_atoms * num_atoms * images_count  # (B,)
@@ -108,17 +123,71 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
     for lo, hi in _chunks(pairs.tolist(), max_pairs):
         parts.append(
             _edges_of_structures(
-                lo, hi, wrapped, lattice, num_atoms, atom_start, images, images_count, pairs,
-                cutoff, max_neighbors,
+                lo, hi, wrapped, reduced, num_atoms, atom_start, images, images_count, pairs, cutoff,
             )
         )
     if not parts:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty, torch.zeros(0, 3, dtype=torch.long, device=device)
-    source, target, image_shift = (torch.cat(x) for x in zip(*parts))
-    # Shifts were found between wrapped positions; re-express them for the positions as given.
-    offsets = image_shift - cell_of_atom[source].long() + cell_of_atom[target].long()
+    source, target, shift_reduced, dist = (torch.cat(x) for x in zip(*parts))
+    # Lattice translations as given: from the reduced basis (n_red L_red = n_red U L), re-expressed
+    # for the positions as given, then as the shift between the atoms wrapped in the given basis.
+    offsets_reduced = shift_reduced - cell_reduced[source].long() + cell_reduced[target].long()
+    offsets = torch.einsum("ei,eij->ej", offsets_reduced, unimodular[batch_index[target]])  # (E, 3)
+    image_shift = offsets + cell_of_atom[source].long() - cell_of_atom[target].long()
+    order = _canonical_order(target, dist, source, image_shift)
+    source, target, offsets = source[order], target[order], offsets[order]
+    if max_neighbors is not None and max_neighbors > 0 and target.numel():
+        keep = _rank_within_group(target) < max_neighbors
+        source, target, offsets = source[keep], target[keep], offsets[keep]
     return source, target, offsets
+
+
+# Rounds of pairwise (Gauss) size reduction; each round makes every lattice vector as short as
+# subtracting integer multiples of another one can. A few rounds reach a fixed point in practice.
+BASIS_REDUCTION_ROUNDS = 6
+
+
+def _reduce_basis(lattice: Tensor) -> tuple[Tensor, Tensor]:
+    """A shorter basis of each lattice, (B, 3, 3) rows, and the integer U with reduced = U @ lattice.
+
+    Pairwise size reduction b_i <- b_i - round(b_i.b_j / b_j.b_j) b_j over all ordered pairs,
+    repeated: not a full Minkowski reduction, but it removes the shear of noisy cells, which is what
+    multiplies the images to enumerate. Written here because it must run batched on tensors (spglib
+    and pymatgen reduce one structure at a time, in numpy).
+    """
+    reduced = lattice.clone()
+    unimodular = torch.eye(3, dtype=torch.long, device=lattice.device).repeat(lattice.shape[0], 1, 1)
+    for _ in range(BASIS_REDUCTION_ROUNDS):
+        changed = False
+        for i, j in ((0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)):
+            bi, bj = reduced[:, i], reduced[:, j]
+            mu = torch.round((bi * bj).sum(-1) / (bj * bj).sum(-1))  # (B,)
+            if bool((mu != 0).any()):
+                changed = True
+                reduced[:, i] = bi - mu[:, None] * bj
+                unimodular[:, i] = unimodular[:, i] - mu.long()[:, None] * unimodular[:, j]
+        if not changed:
+            break
+    return reduced, unimodular
+
+
+def _canonical_order(target: Tensor, dist: Tensor, source: Tensor, image_shift: Tensor) -> Tensor:
+    """Edge order: by target, then distance, then source, then image (lexicographic in the given basis).
+
+    This is the order of a brute-force enumeration in the given basis (sources, then images), so
+    ties at the neighbour cap are broken the same whatever basis the images were found in.
+    Distances are compared on a 1e-8 Å grid so that shells which are exactly degenerate (a cubic
+    cell's images along a, b and c) stay ties after a rotation of the frame adds rounding noise.
+    Two stable sorts of packed int64 keys: (source, image) first, then (target, distance).
+    """
+    image_key = (image_shift + IMAGE_KEY_OFFSET).clamp(0, 2 * IMAGE_KEY_OFFSET - 1)  # (E, 3) in [0, 2^k)
+    bits = IMAGE_KEY_BITS
+    minor = (source << (3 * bits)) | (image_key[:, 0] << (2 * bits)) | (image_key[:, 1] << bits) | image_key[:, 2]
+    order = torch.sort(minor, stable=True).indices
+    grid = torch.round(dist * DISTANCE_RESOLUTION_INV).long()  # < 2^40 for any cutoff below 10^4 Å
+    major = (target << DISTANCE_KEY_BITS) | grid
+    return order[torch.sort(major[order], stable=True).indices]
 
 
 def _chunks(pairs: list[int], max_pairs: int):
@@ -133,9 +202,12 @@ def _chunks(pairs: list[int], max_pairs: int):
         yield lo, len(pairs)
 
 
-def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images, images_count, pairs,
-                         cutoff, max_neighbors):
-    """Brute force over every (source, target, image) triple of structures lo..hi-1."""
+def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images, images_count, pairs, cutoff):
+    """Brute force over every (source, target, image) triple of structures lo..hi-1.
+
+    Returns the pairs within the cutoff, unordered: source, target (N-indices), the integer image
+    shift between the wrapped positions (E, 3) and the distance (E,).
+    """
     device = wrapped.device
     pairs = pairs[lo:hi]
     struct = torch.repeat_interleave(torch.arange(lo, hi, device=device), pairs)  # (P,)
@@ -161,20 +233,7 @@ def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images
     vec = torch.einsum("pi,pij->pj", frac_vec, lattice[struct])
     dist = vec.norm(dim=1)  # (P,)
     keep = (dist < cutoff) & ~((source == target) & (shift == 0).all(dim=1))
-    source, target, shift, dist = source[keep], target[keep], shift[keep], dist[keep]
-
-    # Order by target, then distance, then enumeration order (source, image): two stable sorts.
-    # Distances are compared on a 1e-8 Å grid so that shells which are exactly degenerate (a cubic
-    # cell's images along a, b and c) stay ties after a rotation of the frame adds rounding noise;
-    # the frame-independent enumeration order then decides.
-    order = torch.sort(torch.round(dist * DISTANCE_RESOLUTION_INV), stable=True).indices
-    order = order[torch.sort(target[order], stable=True).indices]
-    source, target, shift = source[order], target[order], shift[order]
-    if max_neighbors is not None and max_neighbors > 0 and target.numel():
-        rank = _rank_within_group(target)
-        keep = rank < max_neighbors
-        source, target, shift = source[keep], target[keep], shift[keep]
-    return source, target, shift
+    return source[keep], target[keep], shift[keep], dist[keep]
 
 
 def _rank_within_group(sorted_keys: Tensor) -> Tensor:
