@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     # The debug network is small: one intra-op thread per process is as fast and leaves the second
     # core to the evaluation workers (measured: 2 threads on a busy 2-core machine were 10x slower).
     torch.set_num_threads(1)
+    # W&B's own console lines (banner, sparkline history) would bury the pipeline's output; the run
+    # is still recorded offline and the summary says where.
+    os.environ.setdefault("WANDB_SILENT", "true")
     out: Path = args.out
     shards, run_dir, model, samples, evaluation = (
         out / "shards", out / "run", out / "model.pt", out / "samples", out / "eval"
@@ -79,22 +83,67 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+LOSS_TERMS = (("loss", "total"), ("loss_lattice", "lattice"), ("loss_coords", "coordinates"), ("loss_types", "types"))
+
+
 def _print_summary(out: Path, run_dir: Path, model: Path, samples: Path, evaluation: Path, seconds: float) -> None:
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((evaluation / "summary.json").read_text())
-    rates = {k: summary.get(k) for k in ("valid_rate", "unique_rate", "novel_rate", "stable_rate", "sun_rate")}
     print(f"\n==> quickstart finished in {seconds:.0f} s")
-    if losses:
+    if metrics:
         # Single-step losses are noisy (random t per structure): compare the means of the first and
-        # last few logged steps.
-        k = max(1, len(losses) // 5)
-        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        print(f"    training loss  {first:.3f} (first {k} logged steps) -> {last:.3f} (last {k})")
-    for name, value in rates.items():
-        shown = "not computed" if value is None else f"{100 * value:.1f}%"
-        print(f"    {name:<14} {shown}")
+        # last fifth of the logged steps, term by term.
+        k = max(1, len(metrics) // 5)
+        print(f"    training loss, mean of the first -> last {k} logged steps (step {metrics[-1]['step']}):")
+        for key, name in LOSS_TERMS:
+            if key in metrics[0]:
+                first = sum(r[key] for r in metrics[:k]) / k
+                last = sum(r[key] for r in metrics[-k:]) / k
+                note = "  (predicting zero: 1.0)" if key == "loss_lattice" else ""
+                print(f"      {name:<12} {first:8.3f} -> {last:8.3f}{note}")
+    for line in _sample_lines(samples) + _evaluation_lines(summary):
+        print(f"    {line}")
+    wandb_dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
     print(f"    run dir        {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
+    if wandb_dirs:
+        print(f"    W&B (offline)  {wandb_dirs[-1]}  (upload later: wandb sync {wandb_dirs[-1]})")
     print(f"    model          {model}")
     print(f"    samples        {samples}  (cifs/, samples.extxyz, samples.jsonl)")
     print(f"    evaluation     {evaluation}  (per_structure.csv, summary.json, *.png)")
     print(f"    everything     {out}")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _sample_lines(samples: Path) -> list[str]:
+    """Volume per atom of the sampled cells, as the sampler recorded them in samples.jsonl."""
+    rows = [json.loads(line) for line in (samples / "samples.jsonl").read_text().splitlines() if line.strip()]
+    volumes = sorted(r["volume_per_atom"] for r in rows if "volume_per_atom" in r)
+    if not volumes:
+        return []
+    flagged = sum(1 for r in rows if r.get("physical_cell") is False)
+    return [f"sampled cells  {len(volumes)}, volume per atom {volumes[0]:.1f} / {volumes[len(volumes) // 2]:.1f} / "
+            f"{volumes[-1]:.1f} Å³ (min / median / max); {flagged} outside the sampler's band"]
+
+
+def _evaluation_lines(summary: dict) -> list[str]:
+    band = summary.get("physical_volume_per_atom_band")
+    band_text = f" ({band[0]:.1f}-{band[1]:.1f} Å³/atom)" if band else ""
+    lines = [f"{'physical cell':<14} {_pct(summary.get('physical_cell_rate'))}{band_text}"]
+    for key, name in (("valid_rate", "valid"), ("unique_rate", "unique"), ("novel_rate", "novel")):
+        lines.append(f"{name:<14} {_pct(summary.get(key))}")
+    if "relax_failures" in summary:
+        reasons = ", ".join(f"{n} {why}" for why, n in (summary.get("relax_failure_reasons") or {}).items())
+        lines.append(f"{'relaxed':<14} {summary.get('relaxed_count', 0)} of {summary['num_structures']}; "
+                     f"{summary['relax_failures']} not relaxed{f' ({reasons})' if reasons else ''}")
+        if summary.get("rmsd_median") is not None:
+            lines.append(f"{'RMSD (Å)':<14} median {summary['rmsd_median']:.3f}, p90 {summary['rmsd_p90']:.3f}, "
+                         f"max {summary['rmsd_max']:.3f} (generated -> relaxed)")
+    for key, name in (("stable_rate", "stable"), ("sun_rate", "SUN")):
+        if summary.get("stability_assessed") is False:
+            lines.append(f"{name:<14} not assessed ({summary.get('stability_not_assessed_reason')})")
+        elif key in summary:
+            lines.append(f"{name:<14} {_pct(summary.get(key))}")
+    return lines
