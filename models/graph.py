@@ -32,6 +32,9 @@ DEFAULT_MAX_PAIRS_PER_CHUNK = 1 << 21
 # for millions of images; neighbours beyond the cap are then missed, which only happens for cells
 # thinner than cutoff / MAX_IMAGES_PER_DIM Å.
 DEFAULT_MAX_IMAGES_PER_DIM = 12
+# A dense cell is first searched within this multiple of the radius of a sphere that holds
+# `max_neighbors` atoms at its density (see `_select_edges`).
+DENSE_RADIUS_FACTOR = 1.5
 # Neighbour ranking resolves distances to 1e-8 Å (see `_canonical_order`).
 DISTANCE_RESOLUTION_INV = 1e8
 # Packed sort keys of `_canonical_order`: a distance on that grid takes 40 bits (cutoffs < 10^4 Å),
@@ -90,7 +93,6 @@ def radius_graph_pbc(
 
 
 def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, max_images, max_pairs):
-    device = cart.device
     inv_lattice, singular = torch.linalg.inv_ex(lattice)  # (B, 3, 3); column k: reciprocal vector k (no 2π)
     bad = (singular != 0) | ~torch.isfinite(inv_lattice).flatten(1).all(dim=1)  # (B,)
     if bad.any():
@@ -111,25 +113,31 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
     cell_reduced = torch.floor(frac_reduced)
     wrapped = frac_reduced - cell_reduced  # (N, 3) fractional in the reduced basis, in [0, 1]
 
-    # Wrapped fractional differences lie in [-1, 1], so a neighbour within the cutoff needs
-    # |n_k| <= cutoff * |b_k| + 1 along reciprocal direction b_k.
-    recip_norm = inv_reduced.norm(dim=1)  # (B, 3)
-    images = (torch.floor(cutoff * recip_norm) + 1).clamp(max=max_images).long()  # (B, 3)
-    images_count = (2 * images + 1).prod(dim=1)  # (B,)
-    pairs = num_atoms * num_atoms * images_count  # (B,)
-    atom_start = torch.cumsum(num_atoms, 0) - num_atoms  # (B,)
-
-    parts = []
-    for lo, hi in _chunks(pairs.tolist(), max_pairs):
-        parts.append(
-            _edges_of_structures(
-                lo, hi, wrapped, reduced, num_atoms, atom_start, images, images_count, pairs, cutoff,
+    # A dense (collapsed) noisy cell holds thousands of images within the cutoff, of which only the
+    # `max_neighbors` nearest are kept. Such structures are first searched within the radius that
+    # should hold that many neighbours; wherever some atom then has fewer, the structure is searched
+    # again within the full cutoff. Either way the kept edges are exactly those of a full search.
+    radius = torch.full_like(lattice[:, 0, 0], cutoff)  # (B,)
+    if max_neighbors is not None and max_neighbors > 0:
+        volume_per_atom = torch.linalg.det(lattice).abs() / num_atoms.to(lattice.dtype)
+        guess = DENSE_RADIUS_FACTOR * (max_neighbors * volume_per_atom * 3 / (4 * torch.pi)) ** (1 / 3)
+        radius = torch.minimum(radius, guess)
+    geometry = (wrapped, reduced, inv_reduced, num_atoms, max_images, max_pairs)
+    source, target, shift_reduced, dist = _candidates(geometry, radius, torch.ones_like(num_atoms, dtype=torch.bool))
+    shrunk = radius < cutoff
+    if shrunk.any():
+        # enough neighbours strictly inside the radius (minus the ranking grid) for every atom?
+        inside = torch.zeros_like(batch_index).index_add_(
+            0, target, (dist < radius[batch_index[target]] - 2 / DISTANCE_RESOLUTION_INV).long())
+        short = torch.zeros_like(shrunk)
+        short[batch_index[inside < max_neighbors]] = True
+        redo = shrunk & short
+        if redo.any():
+            keep = ~redo[batch_index[target]]
+            again = _candidates(geometry, torch.full_like(radius, cutoff), redo)
+            source, target, shift_reduced, dist = (
+                torch.cat([old[keep], new]) for old, new in zip((source, target, shift_reduced, dist), again)
             )
-        )
-    if not parts:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty, torch.zeros(0, 3, dtype=torch.long, device=device)
-    source, target, shift_reduced, dist = (torch.cat(x) for x in zip(*parts))
     # Lattice translations as given: from the reduced basis (n_red L_red = n_red U L), re-expressed
     # for the positions as given, then as the shift between the atoms wrapped in the given basis.
     offsets_reduced = shift_reduced - cell_reduced[source].long() + cell_reduced[target].long()
@@ -141,6 +149,26 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
         keep = _rank_within_group(target) < max_neighbors
         source, target, offsets = source[keep], target[keep], offsets[keep]
     return source, target, offsets
+
+
+def _candidates(geometry, radius: Tensor, structures: Tensor):
+    """Pairs within `radius` (B,) of the chosen `structures` (B,) bool: source, target, image, dist."""
+    wrapped, reduced, inv_reduced, num_atoms, max_images, max_pairs = geometry
+    # Wrapped fractional differences lie in [-1, 1], so a neighbour within the radius needs
+    # |n_k| <= radius * |b_k| + 1 along reciprocal direction b_k.
+    recip_norm = inv_reduced.norm(dim=1)  # (B, 3)
+    images = (torch.floor(radius[:, None] * recip_norm) + 1).clamp(max=max_images).long()  # (B, 3)
+    images_count = (2 * images + 1).prod(dim=1)  # (B,)
+    pairs = num_atoms * num_atoms * images_count * structures  # (B,), 0 for structures left out
+    atom_start = torch.cumsum(num_atoms, 0) - num_atoms  # (B,)
+    parts = [
+        _edges_of_structures(lo, hi, wrapped, reduced, num_atoms, atom_start, images, images_count, pairs, radius)
+        for lo, hi in _chunks(pairs.tolist(), max_pairs)
+    ]
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=wrapped.device)
+        return empty, empty, torch.zeros(0, 3, dtype=torch.long, device=wrapped.device), wrapped.new_zeros(0)
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 # Rounds of pairwise (Gauss) size reduction; each round makes every lattice vector as short as
@@ -202,10 +230,10 @@ def _chunks(pairs: list[int], max_pairs: int):
         yield lo, len(pairs)
 
 
-def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images, images_count, pairs, cutoff):
+def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images, images_count, pairs, radius):
     """Brute force over every (source, target, image) triple of structures lo..hi-1.
 
-    Returns the pairs within the cutoff, unordered: source, target (N-indices), the integer image
+    Returns the pairs within each structure's radius (B,), unordered: source, target (N-indices), the integer image
     shift between the wrapped positions (E, 3) and the distance (E,).
     """
     device = wrapped.device
@@ -232,7 +260,7 @@ def _edges_of_structures(lo, hi, wrapped, lattice, num_atoms, atom_start, images
     frac_vec = wrapped[source] - wrapped[target] + shift.double()  # (P, 3)
     vec = torch.einsum("pi,pij->pj", frac_vec, lattice[struct])
     dist = vec.norm(dim=1)  # (P,)
-    keep = (dist < cutoff) & ~((source == target) & (shift == 0).all(dim=1))
+    keep = (dist < radius[struct]) & ~((source == target) & (shift == 0).all(dim=1))
     return source[keep], target[keep], shift[keep], dist[keep]
 
 

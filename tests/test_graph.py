@@ -8,6 +8,7 @@ import torch
 from equivariance import flat_batch, jitter, structures_from_csv
 from pymatgen.core import Lattice, Structure
 
+import xtalgen.models.graph as graph_module
 from xtalgen.models.graph import (
     available_backends,
     message_passing,
@@ -226,3 +227,32 @@ def test_message_passing_broadcasts_over_the_middle_axis():
         torch.testing.assert_close(out[:, k], message_passing(node, directions[:, k], edge_index))
     inputs = (node.clone().requires_grad_(), directions.clone().requires_grad_())
     assert torch.autograd.gradcheck(lambda n, d: message_passing(n[:, None], d, edge_index), inputs)
+
+
+def _capped_full_search(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors):
+    """The reference cap: the first `max_neighbors` per target of the full, ordered search."""
+    full = radius_graph_pbc(cart, lattice, batch_index, num_atoms, cutoff, None)
+    target = full.edge_index[1]
+    first = torch.searchsorted(target, target, right=False)
+    keep = torch.arange(target.numel()) - first < max_neighbors
+    return full.edge_index[:, keep], full.cell_offsets[keep]
+
+
+@pytest.mark.parametrize("radius_factor", [graph_module.DENSE_RADIUS_FACTOR, 0.4])
+def test_dense_and_skewed_cells_give_the_graph_of_a_full_search(perov_val, monkeypatch, radius_factor):
+    """Collapsed cells are searched within a smaller radius first (and again in full where that
+    radius held too few neighbours: forced with a small factor); skewed ones in a reduced basis.
+    The kept edges and their order must be exactly those of the full search, capped."""
+    monkeypatch.setattr(graph_module, "DENSE_RADIUS_FACTOR", radius_factor)
+    batch = jitter(flat_batch(structures_from_csv(perov_val, 4)), 0.05, torch.Generator().manual_seed(5))
+    shear = torch.tensor([[1.0, 0, 0], [2.0, 1, 0], [-1.0, 3.0, 1]], dtype=batch.lattice.dtype)  # det 1
+    lattice = batch.lattice.clone()
+    lattice[0] = lattice[0] * 0.35  # collapsed: ~0.5 Å^3 per atom
+    lattice[1] = shear @ lattice[1]  # the same lattice in a skewed basis
+    lattice[2] = shear @ lattice[2] * 0.5
+    cart = torch.einsum("ni,nij->nj", batch.frac_coords, lattice[batch.batch_index])
+    got = radius_graph_pbc(cart, lattice, batch.batch_index, batch.num_atoms, 7.0, 50)
+    edge_index, offsets = _capped_full_search(cart, lattice, batch.batch_index, batch.num_atoms, 7.0, 50)
+    assert torch.equal(got.edge_index, edge_index)
+    assert torch.equal(got.cell_offsets, offsets)
+    assert (torch.bincount(got.edge_index[1]) == 50).all()  # every atom of these cells has 50 neighbours
