@@ -209,12 +209,12 @@ def _list(args) -> int:
 
 
 def _download(args) -> int:
-    from xtalgen.datasets.download import download_dataset
+    from xtalgen.datasets.download import DATASETS, download_dataset
 
     try:
         folder = download_dataset(args.name, args.out, url=args.url, sha256=args.sha256, progress=not args.quiet)
     except (KeyError, ValueError, OSError) as exc:
         return _fail(str(exc).strip("'\""))
     print(f"downloaded {args.name} to {folder}")
-    print(f"next: xtalgen shard build {folder} --out shards/{args.name}")
+    print("next: " + DATASETS[args.name].next_step.format(folder=folder, name=args.name))
     return 0

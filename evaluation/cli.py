@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         summary = run_evaluation(
             args.input, args.out, cfg, reference=args.reference, test_split=args.test_split,
             dataset=args.dataset, comp_scaler=args.comp_scaler, plots=not args.no_plots,
-            progress=not args.no_progress, hull=args.hull, allow_elements_only_hull=args.allow_elements_only_hull,
+            progress=not args.no_progress, hull=args.hull or cfg.hull or None,
+            allow_elements_only_hull=args.allow_elements_only_hull or cfg.allow_elements_only_hull,
         )
     except InputError as exc:
         print(f"xtalgen evaluate: error: {exc}", file=sys.stderr)

@@ -8,8 +8,8 @@ and always the physical-cell rate (volume per atom in the reference's range, see
 `xtalgen.evaluation.physical`).
 
 Stability: with `train.sample_relax` every sample is relaxed and scored. Otherwise, when a hull
-file is available (`make_periodic_sampler(..., hull=PATH)`, `evaluate.hull` where the config has
-it, or the environment variable `XTALGEN_HULL`, e.g. the file of `xtalgen data download mp_hull`),
+file is available (`make_periodic_sampler(..., hull=PATH)`, the config's `evaluate.hull`, or the environment
+variable `XTALGEN_HULL`, e.g. the file of `xtalgen data download mp_hull`),
 the first `RELAX_COUNT` samples are relaxed for `RELAX_STEPS` steps and scored against it: a
 cheap estimate of the stable and SUN rates (`sample/stable_rate`, `sample/sun_rate`, over those
 `sample/stability_sample_count` samples; a sample that is not relaxed counts as not stable).
@@ -52,7 +52,7 @@ def make_periodic_sampler(
 ) -> Callable[[torch.nn.Module, int], dict]:
     """Build the periodic pass. `reference` (for novelty): training records, pymatgen structures, or a
     path the evaluator reads (e.g. the training shard set). `hull`: a hull file for the stability
-    estimate (default: `evaluate.hull` where the config has it, else $XTALGEN_HULL, else none).
+    estimate (default: the config's `evaluate.hull`, else $XTALGEN_HULL, else none).
 
     `model_cfg`/`stats` default to `cfg.model` and the model's own `stats` attribute.
     """
@@ -61,7 +61,7 @@ def make_periodic_sampler(
     conditions = parse_conditions(sample_cfg.conditions, model_cfg.conditions)
     plan = SamplingPlan(sample_cfg.num_samples, sample_cfg.batch_size, sample_cfg.seed)
     reference_structures: list | None = None
-    hull_path = hull or getattr(cfg.evaluate, "hull", "") or os.environ.get(HULL_ENV) or None
+    hull_path = hull or cfg.evaluate.hull or os.environ.get(HULL_ENV) or None
     stability = _Stability(cfg, hull_path)
 
     def periodic_sample(model: torch.nn.Module, step: int) -> dict:
