@@ -178,7 +178,7 @@ def _sun(args, work: Path, shards: Path, steps: int) -> dict:
 
 
 def _plot_losses(run_dir: Path, path: Path) -> Path:
-    from xtalgen.evaluation.plots import _pyplot
+    from xtalgen.evaluation.plots import _pyplot, _save
 
     plt = _pyplot()
     rows = _metrics(run_dir)
@@ -193,9 +193,7 @@ def _plot_losses(run_dir: Path, path: Path) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(f"training losses ({len(rows)} logged steps)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _structure_stats(structures) -> dict:
@@ -216,7 +214,7 @@ def _plot_distributions(samples: Path, test_csv: Path, path: Path, dataset: str)
     import pandas as pd
     from pymatgen.core import Structure
 
-    from xtalgen.evaluation.plots import _pyplot
+    from xtalgen.evaluation.plots import _pyplot, _save
 
     warnings.filterwarnings("ignore")
     sampled = [Structure.from_file(p) for p in sorted((samples / "cifs").glob("*.cif"))]
@@ -237,9 +235,7 @@ def _plot_distributions(samples: Path, test_csv: Path, path: Path, dataset: str)
         ax.legend(fontsize=7)
     fig.suptitle(f"{dataset}: sampled vs test.csv (trained on val.csv)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 if __name__ == "__main__":
