@@ -15,6 +15,7 @@ import contextlib
 import io
 import math
 import multiprocessing as mp
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -138,6 +139,9 @@ class CHGNetPotential(Potential):
     def __init__(self, device: str = "cpu", batch_size: int = 4, threads: int = 1):
         from chgnet.model import CHGNet, StructOptimizer
 
+        # CHGNet 0.4.2 converts a grad-tracking tensor to a scalar on every call, and torch warns
+        # about it each time a process first relaxes: noise in every evaluation's console.
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its banner on load
             self.model = CHGNet.load(verbose=False, use_device=device)
             self.calculator = _guarded_chgnet_calculator(self.model, device)
