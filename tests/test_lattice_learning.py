@@ -95,7 +95,6 @@ def perov_records(perov_val):
 
 @pytest.fixture(scope="module")
 def trained(perov_records):
-    torch.set_num_threads(1)
     model = _fresh_model(perov_records)
     before, after = _train(model, perov_records, TRAIN_STEPS)
     return model, before, after

@@ -57,9 +57,12 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    # The same intra-op thread count as this process, whose in-process runs are the reference:
+    # float sums are split by thread count, so other counts give other last bits.
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen(
         [sys.executable, "-m", "xtalgen.cli", "sample", *args],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **threads, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

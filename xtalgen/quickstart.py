@@ -55,7 +55,15 @@ def run(args: argparse.Namespace) -> int:
 
     # The debug network is small: one intra-op thread per process is as fast and leaves the second
     # core to the evaluation workers (measured: 2 threads on a busy 2-core machine were 10x slower).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # as it was for the caller (tests run the quickstart in-process)
+
+
+def _run(args: argparse.Namespace) -> int:
     # W&B's own console lines (banner, sparkline history) would bury the pipeline's output; the run
     # is still recorded offline and the summary says where.
     os.environ.setdefault("WANDB_SILENT", "true")
