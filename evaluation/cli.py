@@ -295,6 +295,9 @@ def summary_lines(summary: dict) -> list[str]:
         if summary["stability_assessed"]:
             lines.append(f"  stable {pct('stable_rate')}   on/below hull {pct('on_or_below_hull_rate')}   "
                          f"SUN {pct('sun_rate')}   (hull: {summary.get('hull_source')})")
+            if summary.get("stability_not_assessed_count"):
+                lines.append(f"  not assessed (counted as not stable): {summary['stability_not_assessed_count']} of "
+                             f"{n}, no compound of their chemical system in the hull")
         else:
             lines.append(f"  stable, SUN: not assessed ({summary.get('stability_not_assessed_reason')})")
     if "cdvae" in summary:

@@ -405,6 +405,9 @@ def _all_subsystems(systems) -> set[frozenset]:
     return out
 
 
+BARE_SYSTEM_REASON = "no compound of its chemical system in the hull (elements only)"
+
+
 def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, progress, options) -> dict:
     """Energies above the hull, stable and SUN flags; returns {"assessed", "reason", "source"}."""
     with_energy = [k for k, row in enumerate(rows) if row.get("energy_per_atom") is not None]
@@ -447,10 +450,21 @@ def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, prog
             notes.append("hull from elemental references only: energies above it are formation energies")
     compound_systems = {frozenset(el.symbol for el in Composition(c).elements) for c in compositions}
     compound_systems = {system for system in compound_systems if len(system) > 1}
-    bare = sum(1 for k in with_energy if not _all_subsystems({_system(evaluated[k])}) & compound_systems)
+    # A structure whose chemical system (and every subsystem) holds no compound of the hull is judged
+    # against the elements alone: "stable" would only mean a negative formation energy. Unless an
+    # elements-only hull is accepted, such a structure is not assessed and counts as not stable.
+    bare = {k for k in with_energy
+            if len(_system(evaluated[k])) > 1 and not _all_subsystems({_system(evaluated[k])}) & compound_systems}
     if bare and (options.hull is not None or reference is not None):
-        notes.append(f"{bare} of {len(with_energy)} structures lie in chemical systems without any reference "
-                     "compound: their hull is the elements alone, so 'stable' there means a negative formation energy")
+        if options.allow_elements_only:
+            notes.append(f"{len(bare)} of {len(with_energy)} structures lie in chemical systems without any "
+                         "reference compound: their hull is the elements alone (accepted by "
+                         "--allow-elements-only-hull), so 'stable' there means a negative formation energy")
+        else:
+            notes.append(f"{len(bare)} of {len(with_energy)} structures lie in chemical systems without any "
+                         "reference compound: their stability is not assessed and they count as not stable")
+            for k in bare:
+                rows[k]["stability_not_assessed"] = BARE_SYSTEM_REASON
     hull = hull_lib.ConvexHullReference(compositions, energies)
     for k in with_energy:
         row, composition = rows[k], evaluated[k].composition
@@ -459,7 +473,9 @@ def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, prog
         row["formation_energy_per_atom"] = hull.formation_energy_per_atom(composition, row["energy_per_atom"])
         # Only a structure that was relaxed (when relaxation was asked for) can be stable.
         judged = math.isfinite(e_hull) and (row.get("relaxed") or not options.relaxed)
-        if judged:
+        if "stability_not_assessed" in row:
+            row["stable"] = row["on_or_below_hull"] = None
+        elif judged:
             row["stable"] = e_hull < cfg.stability_threshold
             row["on_or_below_hull"] = e_hull <= ON_HULL_TOLERANCE
     missing = sum(1 for k in with_energy if not math.isfinite(rows[k]["e_above_hull"]))
@@ -469,7 +485,7 @@ def _hull_stage(rows, evaluated, reference, candidates, cfg, models, notes, prog
         row.setdefault("stable", False)
         row.setdefault("on_or_below_hull", False)
         if "novel" in row:
-            row["sun"] = bool(row["stable"] and row["unique"] and row["novel"])
+            row["sun"] = None if row["stable"] is None else bool(row["stable"] and row["unique"] and row["novel"])
     return {"assessed": True, "reason": None, "source": source}
 
 
@@ -605,7 +621,8 @@ def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg
             stability_assessed=assessed,
             stability_not_assessed_reason=assessment["reason"],
             hull_source=assessment["source"],
-            stable_rate=rate("stable") if assessed else None,
+            stable_rate=rate("stable") if assessed else None,  # over all structures: not assessed = not stable
+            stability_not_assessed_count=sum(1 for r in rows if r.get("stability_not_assessed")),
             on_or_below_hull_rate=rate("on_or_below_hull") if assessed else None,
             sun_rate=rate("sun") if assessed and reference_size is not None else None,
             mean_e_above_hull=mean("e_above_hull") if assessed else None,

@@ -158,11 +158,32 @@ def test_failures_counted_rmsd_distribution_and_hull_with_corrections(hull_file,
     # Hull at NaCl: the corrected -3.3 eV/atom (not -3.0 as computed, not the r2SCAN entry).
     assert rows[0]["e_above_hull"] == pytest.approx(0.05)
     assert rows[0]["stable"] is True and rows[0]["on_or_below_hull"] is False
-    assert math.isnan(rows[1]["e_above_hull"]) and rows[1]["stable"] is False
+    assert math.isnan(rows[1]["e_above_hull"]) and rows[1]["stable"] is None  # K-Cl: no compound, not assessed
     assert rows[2]["stable"] is False and rows[3]["stable"] is False
     assert summary["stability_assessed"] is True and summary["stable_rate"] == 0.25
     assert "hull file" in summary["hull_source"] and "3 GGA/GGA+U entries" in summary["hull_source"]
     assert summary["sun_rate"] is None  # no reference set: novelty, and so SUN, unknown
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_a_system_with_no_compound_in_the_hull_is_not_assessed(tmp_path, accept):
+    """KCl against a hull with K and Cl but no K-Cl compound: only its formation energy is known."""
+    path = tmp_path / "hull.json"
+    path.write_text(json.dumps(hull_entries() + [_entry("K", -1.1)]))
+    structures = [rock_salt(5.64), rock_salt(6.29, ("K", "Cl")), rock_salt(5.5, ("Na", "Na"))]
+    potential = StandInPotential({"NaCl": -3.25, "KCl": -3.0, "Na": -1.3}, {"NaCl": 0.1, "KCl": 0.3, "Na": 0.0})
+    cfg = EvaluateConfig(cache_dir=str(tmp_path / "cache"))
+    rows, summary = evaluate_structures(structures, relax=True, cfg=cfg, potential=potential, hull=path,
+                                        allow_elements_only_hull=accept)
+    assert rows[0]["stable"] is True  # NaCl has its compound in the hull
+    assert rows[2]["stable"] is True and rows[2]["e_above_hull"] == pytest.approx(0.0)  # an element: its own hull
+    if accept:  # judged against the elements alone: E_form = -3.0 - (-1.1 - 1.8) / 2 = -1.55 eV/atom
+        assert rows[1]["stable"] is True and rows[1]["e_above_hull"] == pytest.approx(-1.55)
+        assert summary["stability_not_assessed_count"] == 0 and summary["stable_rate"] == 1.0
+    else:
+        assert rows[1]["stable"] is None and "no compound" in rows[1]["stability_not_assessed"]
+        assert summary["stability_not_assessed_count"] == 1
+        assert summary["stable_rate"] == pytest.approx(2 / 3)  # not assessed counts as not stable
 
 
 def test_without_a_hull_of_compounds_stability_is_not_assessed(perov_val, shared_data, tmp_path):
