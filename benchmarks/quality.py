@@ -217,7 +217,10 @@ def _plot_distributions(samples: Path, test_csv: Path, path: Path, dataset: str)
     from xtalgen.evaluation.plots import _pyplot, _save
 
     warnings.filterwarnings("ignore")
-    sampled = [Structure.from_file(p) for p in sorted((samples / "cifs").glob("*.cif"))]
+    paths = sorted((samples / "cifs").glob("*.cif")) or sorted(samples.glob("*.cif"))  # a sample dir or CIFs
+    if not paths:
+        raise SystemExit(f"no CIF files in {samples} or {samples / 'cifs'}")
+    sampled = [Structure.from_file(p) for p in paths]
     tested = [Structure.from_str(c, fmt="cif") for c in pd.read_csv(test_csv)["cif"]]
     stats = {"sampled": _structure_stats(sampled), "test.csv": _structure_stats(tested)}
     counts = {"sampled": len(sampled), "test.csv": len(tested)}
