@@ -187,15 +187,14 @@ def _reduce_basis(lattice: Tensor) -> tuple[Tensor, Tensor]:
     reduced = lattice.clone()
     unimodular = torch.eye(3, dtype=torch.long, device=lattice.device).repeat(lattice.shape[0], 1, 1)
     for _ in range(BASIS_REDUCTION_ROUNDS):
-        changed = False
+        changed = torch.zeros((), dtype=torch.bool, device=lattice.device)
         for i, j in ((0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)):
             bi, bj = reduced[:, i], reduced[:, j]
-            mu = torch.round((bi * bj).sum(-1) / (bj * bj).sum(-1))  # (B,)
-            if bool((mu != 0).any()):
-                changed = True
-                reduced[:, i] = bi - mu[:, None] * bj
-                unimodular[:, i] = unimodular[:, i] - mu.long()[:, None] * unimodular[:, j]
-        if not changed:
+            mu = torch.round((bi * bj).sum(-1) / (bj * bj).sum(-1))  # (B,); 0 leaves b_i as it is
+            changed |= (mu != 0).any()
+            reduced[:, i] = bi - mu[:, None] * bj
+            unimodular[:, i] = unimodular[:, i] - mu.long()[:, None] * unimodular[:, j]
+        if not bool(changed):  # one host sync per round, not per pair
             break
     return reduced, unimodular
 

@@ -157,7 +157,7 @@ def _evaluation_lines(summary: dict) -> list[str]:
     if summary.get("stability_not_assessed_count"):
         lines.append(f"{'':<14} ({summary['stability_not_assessed_count']} of {summary['num_structures']} not assessed: "
                      "no compound of their chemical system among the training structures; counted as not stable)")
-    if summary.get("stable_rate") is not None and summary.get("hull_source", "").startswith("reference set"):
+    if summary.get("stable_rate") is not None and (summary.get("hull_source") or "").startswith("reference set"):
         lines.append(f"{'':<14} (hull: the {summary.get('reference_size')} training prototypes, a toy hull; "
                      "`xtalgen data download mp_hull` gives Materials Project's)")
     return lines
