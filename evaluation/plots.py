@@ -34,7 +34,10 @@ def _save(fig, path: Path) -> Path:
 
 def e_above_hull_figure(rows: list[dict], threshold: float = 0.1):
     """Histogram of energies above hull, each bar labelled with its count; None without values."""
-    values = [r["e_above_hull"] for r in rows if isinstance(r.get("e_above_hull"), float) and np.isfinite(r["e_above_hull"])]
+    # Structures whose stability was not assessed (no compound of their system in the hull) have
+    # only a formation energy: plotting it as an energy above the hull would count them as stable.
+    values = [r["e_above_hull"] for r in rows if isinstance(r.get("e_above_hull"), float)
+              and np.isfinite(r["e_above_hull"]) and not r.get("stability_not_assessed")]
     if not values:
         return None
     plt = _pyplot()

@@ -327,3 +327,13 @@ def test_periodic_pass_of_a_model_logs_the_physical_cell_rate(monkeypatch):
     table = metrics[PREFIX + "structures"]
     assert metrics[PREFIX + "physical_cell_rate"] == sum(bool(r.get("physical_cell")) for r in table) / 3
     assert all("volume_per_atom" in r for r in table)
+
+
+def test_energy_plot_leaves_out_structures_whose_stability_was_not_assessed():
+    from xtalgen.evaluation.plots import e_above_hull_figure
+
+    rows = [{"e_above_hull": 0.02}, {"e_above_hull": 0.5},
+            {"e_above_hull": -1.5, "stability_not_assessed": "no compound of its chemical system in the hull"}]
+    ax = e_above_hull_figure(rows, threshold=0.1).axes[0]
+    assert ax.get_title() == "Energy above hull (n = 2 of 3 structures with an energy above hull)"
+    assert ax.get_legend().get_texts()[0].get_text() == "stable < 0.1 eV/atom: 1"
