@@ -41,6 +41,21 @@ from xtalgen.models.lattice_process import polar_symmetric, symmetric_noise
 SAMPLING_EPS_T = 1e-3  # last time on the grid (MatterGen: eps_t = 1/N with N = 1000)
 
 
+def time_grid(num_steps: int, power: float = 1.0) -> list[float]:
+    """t_0 = 1 > ... > t_{S-1} = SAMPLING_EPS_T, spaced as t_i = eps + (1 - eps) (1 - i / (S - 1))^power.
+
+    power = 1 is MatterGen's uniform grid; power > 1 puts more of the steps near t = 0, where the
+    coordinate noise is smallest and a crystal's positions are settled (the VE sigma is geometric
+    in t, so a uniform grid spends as many steps on sigma > 1 Å as on sigma < 0.1 Å).
+    """
+    if num_steps == 1:
+        return [1.0]
+    if power == 1.0:  # exactly the grid of earlier versions, so their samples reproduce bit for bit
+        return torch.linspace(1.0, SAMPLING_EPS_T, num_steps, dtype=torch.float64).tolist()
+    frac = torch.linspace(1.0, 0.0, num_steps, dtype=torch.float64) ** power
+    return (SAMPLING_EPS_T + (1.0 - SAMPLING_EPS_T) * frac).tolist()
+
+
 def sample_num_atoms(stats: Mapping, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw `count` structure sizes from the manifest's number-of-atoms histogram, (count,) long."""
     histogram = {int(n): float(c) for n, c in (stats.get("num_atoms_histogram") or {}).items()}
@@ -149,8 +164,14 @@ def corrector_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, coord_s
     return NoisyCrystals(x.atomic_numbers, frac, lattice, x.num_atoms, x.batch_index)
 
 
-def predictor_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, is_last, generator):
-    """Ancestral step of every process from t to t_next (t_next = 0 on the last step: no noise)."""
+def predictor_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, is_last, generator, eta: float = 1.0):
+    """Step of every process from t to t_next (t_next = 0 on the last step: no noise).
+
+    eta = 1 is the ancestral step (the exact Gaussian posterior around the Tweedie estimate); eta = 0
+    the deterministic DDIM step for coordinates and lattice (Song et al. 2021), which keeps the
+    predicted noise instead of drawing it afresh; between, DDIM's interpolation. Types always take
+    the absorbing-state posterior.
+    """
     dtype, device = x.frac_coords.dtype, x.frac_coords.device
     num_structures = x.num_atoms.shape[0]
     atom_num = x.num_atoms[x.batch_index]
@@ -165,9 +186,14 @@ def predictor_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, is_last
     sigma_s = model.coords.sigma(t_next[x.batch_index], atom_num).unsqueeze(-1)
     sigma_s = torch.zeros_like(sigma_s) if is_last else sigma_s
     var_step = sigma_t.square() - sigma_s.square()
-    mean = x.frac_coords + var_step * pred.coords / sigma_t
     z = gaussian(x.frac_coords.shape, generator=generator, device=device, dtype=dtype)
-    frac = wrap(mean + var_step.sqrt() * sigma_s / sigma_t * z)
+    if eta == 1.0:
+        mean = x.frac_coords + var_step * pred.coords / sigma_t
+        frac = wrap(mean + var_step.sqrt() * sigma_s / sigma_t * z)
+    else:  # DDIM family: x_s = x0_hat + sqrt(s_s^2 - c^2) eps_hat + c z, eps_hat = -pred, x0_hat = x + s_t pred
+        noise = eta * var_step.sqrt() * sigma_s / sigma_t  # (N, 1) c: eta times the ancestral std
+        kept = (sigma_s.square() - noise.square()).clamp_min(0).sqrt()
+        frac = wrap(x.frac_coords + (sigma_t - kept) * pred.coords + noise * z)
 
     # Lattice (VP toward mu_N): Gaussian posterior with x_0 from Tweedie, shifted by the limit mean.
     a_t = model.lattice.mean_coeff(t)[:, None, None]
@@ -177,9 +203,16 @@ def predictor_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, is_last
     a_ts = a_t / a_s
     var_ts = std_t.square() - std_s.square() * a_ts.square()
     limit_mean = model.lattice.limit_mean(x.num_atoms, dtype)
-    mean = (x.lattice + var_ts * pred.lattice / std_t - (1 - a_ts) * limit_mean) / a_ts
     z = symmetric_noise(num_structures, generator=generator, device=device, dtype=dtype)
-    lattice = mean + var_ts.clamp_min(0).sqrt() * std_s / std_t * z
+    ancestral_std = var_ts.clamp_min(0).sqrt() * std_s / std_t
+    if eta == 1.0:
+        mean = (x.lattice + var_ts * pred.lattice / std_t - (1 - a_ts) * limit_mean) / a_ts
+        lattice = mean + ancestral_std * z
+    else:  # DDIM family around the Tweedie estimate x0_hat, with eps_hat = -pred
+        x0_hat = (x.lattice - (1 - a_t) * limit_mean + std_t * pred.lattice) / a_t
+        noise = eta * ancestral_std
+        kept = (std_s.square() - noise.square()).clamp_min(0).sqrt()
+        lattice = a_s * x0_hat + (1 - a_s) * limit_mean - kept * pred.lattice + noise * z
     lattice = 0.5 * (lattice + lattice.transpose(1, 2))
     return NoisyCrystals(types, frac, lattice, x.num_atoms, x.batch_index)
 
@@ -197,6 +230,8 @@ def sample(
     conditions: dict | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    time_power: float = 1.0,
+    eta: float = 1.0,
 ) -> CrystalBatch:
     """Generate one structure per entry of `num_atoms` (B,) by predictor-corrector sampling.
 
@@ -206,19 +241,23 @@ def sample(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not time_power > 0:
+        raise ValueError(f"time_power must be > 0, got {time_power}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     was_training = model.training
     model.eval()  # no condition dropout, deterministic network
     try:
         return _sample(
             model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr,
-            guidance_scale, conditions, generator, progress,
+            guidance_scale, conditions, generator, progress, time_power, eta,
         )
     finally:
         model.train(was_training)
 
 
 def _sample(model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr,
-            guidance_scale, conditions, generator, progress) -> CrystalBatch:
+            guidance_scale, conditions, generator, progress, time_power, eta) -> CrystalBatch:
     device, dtype = model.device, model.work_dtype
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
@@ -237,7 +276,7 @@ def _sample(model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr
         num_atoms,
         batch_index,
     )
-    times = torch.linspace(1.0, SAMPLING_EPS_T, num_steps, dtype=torch.float64).tolist()
+    times = time_grid(num_steps, time_power)
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling", unit="step"):
         is_last = i == num_steps - 1
         t = torch.full((num_structures,), times[i], device=device, dtype=dtype)
@@ -246,7 +285,7 @@ def _sample(model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr
             pred = guided_prediction(model, x, t, conditions, guidance_scale)
             x = corrector_step(model, x, pred, t, t_next, coord_snr, lattice_snr, generator)
         pred = guided_prediction(model, x, t, conditions, guidance_scale)
-        x = predictor_step(model, x, pred, t, t_next, is_last, generator)
+        x = predictor_step(model, x, pred, t, t_next, is_last, generator, eta)
 
     present = {k: torch.ones(num_structures, dtype=torch.bool, device=device) for k in conditions}
     return CrystalBatch(

@@ -135,6 +135,8 @@ def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: Sam
             corrector_steps=cfg.corrector_steps,
             coord_snr=cfg.coord_snr,
             lattice_snr=cfg.lattice_snr,
+            time_power=cfg.time_power,
+            eta=cfg.eta,
             guidance_scale=cfg.guidance_scale,
             conditions=cond,
             generator=plan.generator(batch, device=device),

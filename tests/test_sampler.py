@@ -12,7 +12,14 @@ from test_diffusion_model import STATS, oracle_model, read_records, tiny_model
 from xtalgen.models.coords_process import wrap
 from xtalgen.models.diffusion import NoisyCrystals
 from xtalgen.models.lattice_process import polar_symmetric
-from xtalgen.models.sampler import guided_prediction, predictor_step, sample, sample_num_atoms
+from xtalgen.models.sampler import (
+    SAMPLING_EPS_T,
+    guided_prediction,
+    predictor_step,
+    sample,
+    sample_num_atoms,
+    time_grid,
+)
 from xtalgen.models.types_process import MASK_TOKEN
 from xtalgen.schema import ConditionConfig
 
@@ -54,11 +61,13 @@ def test_unknown_condition_is_refused():
         _sample(tiny_model(conditions=[GAP]), 0, conditions={"hhi_score": 1000.0})
 
 
-def test_exact_denoiser_recovers_the_crystal(perov_record):
-    """With the exact score of a one-crystal data set every sample is that crystal."""
+@pytest.mark.parametrize("eta, time_power, corrector_steps", [(1.0, 1.0, 1), (0.0, 2.0, 0), (0.5, 3.0, 1)])
+def test_exact_denoiser_recovers_the_crystal(perov_record, eta, time_power, corrector_steps):
+    """With the exact score of a one-crystal data set every sample is that crystal, on any grid."""
     model = oracle_model(perov_record)
     num_atoms = torch.full((6,), perov_record.num_atoms)
-    out = sample(model, num_atoms, num_steps=30, generator=torch.Generator().manual_seed(2))
+    out = sample(model, num_atoms, num_steps=30, generator=torch.Generator().manual_seed(2), eta=eta,
+                 time_power=time_power, corrector_steps=corrector_steps)
     reference_lattice = polar_symmetric(torch.as_tensor(perov_record.lattice)[None])[0]
     assert torch.equal(out.atomic_numbers, torch.as_tensor(perov_record.atomic_numbers).repeat(6))
     frac_error = out.frac_coords - torch.as_tensor(perov_record.frac_coords).repeat(6, 1)
@@ -66,8 +75,10 @@ def test_exact_denoiser_recovers_the_crystal(perov_record):
     assert (out.lattice - reference_lattice).abs().max() < 1e-8
 
 
-def test_ancestral_step_reproduces_the_forward_marginal(perov_record):
-    """x_t ~ q(x_t | x_0) stepped with the exact score to s must be distributed as q(x_s | x_0)."""
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_ancestral_step_reproduces_the_forward_marginal(perov_record, eta):
+    """x_t ~ q(x_t | x_0) stepped with the exact score to s must be distributed as q(x_s | x_0):
+    for the ancestral step (eta = 1) and for every member of the DDIM family (eta < 1)."""
     model = oracle_model(perov_record)
     generator = torch.Generator().manual_seed(3)
     num_structures, n0 = 8000, perov_record.num_atoms
@@ -89,7 +100,7 @@ def test_ancestral_step_reproduces_the_forward_marginal(perov_record):
         num_atoms,
         batch_index,
     )
-    x_s = predictor_step(model, x_t, model.predict(x_t, t), t, s, False, generator)
+    x_s = predictor_step(model, x_t, model.predict(x_t, t), t, s, False, generator, eta)
 
     p_mask = model.types.mask_probability(model.types.level(s[:1])).item()
     masked = (x_s.atomic_numbers == MASK_TOKEN).double().mean().item()
@@ -108,6 +119,22 @@ def test_ancestral_step_reproduces_the_forward_marginal(perov_record):
     var = model.lattice.std(s[:1], num_atoms[:1]).item() ** 2
     assert (x_s.lattice.mean(0) - mean).abs().max() < 5 * math.sqrt(var / num_structures)
     assert (x_s.lattice.var(0) / var - 1).abs().max() < 0.06
+
+
+def test_time_grid_runs_from_one_to_eps_and_crowds_near_zero_with_power():
+    uniform = time_grid(50)
+    assert uniform == torch.linspace(1.0, SAMPLING_EPS_T, 50, dtype=torch.float64).tolist()
+    for power in (2.0, 3.0):
+        grid = time_grid(50, power)
+        assert grid[0] == 1.0 and abs(grid[-1] - SAMPLING_EPS_T) < 1e-15
+        assert all(a > b for a, b in zip(grid, grid[1:]))
+        assert sum(t < 0.2 for t in grid) > sum(t < 0.2 for t in uniform)
+    assert time_grid(1) == [1.0]
+
+
+def test_predictor_eta_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="eta must be in"):
+        _sample(tiny_model(), 0, eta=1.5)
 
 
 def test_guidance_combines_conditional_and_unconditional_outputs():
