@@ -10,7 +10,8 @@ down (MatterGen: S = 1000, eps = 1/1000). At every t_i:
       independent of its batch mates), alpha = abar(t_i) / abar(t_{i+1}) for the VP lattice and 1
       for the VE coordinates; coordinates are wrapped, lattices re-symmetrised by polar
       decomposition (as MatterGen);
-  predictor: ancestral step of each process from t_i to t_{i+1}: the exact Gaussian posterior
+  predictor (`eta` = 1, the default; eta < 1 gives the DDIM family, 0 deterministic): ancestral step
+      of each process from t_i to t_{i+1}: the exact Gaussian posterior
       q(x_s | x_t, x_0) with x_0 estimated from the score (Tweedie) for coordinates (then wrapped)
       and lattice, and the absorbing-state posterior with p(x_0 | x_t) for types.
 

@@ -193,13 +193,12 @@ def _check_sample_config(cfg) -> None:
     for key, low in minimum.items():
         if getattr(cfg, key) < low:
             raise ConfigError(f"config key 'sample.{key}': must be >= {low}, got {getattr(cfg, key)}")
-    for key in ("coord_snr", "lattice_snr", "guidance_scale", "time_power", "eta"):
+    in_range = {"coord_snr": lambda v: v >= 0, "lattice_snr": lambda v: v >= 0, "guidance_scale": lambda v: True,
+                "time_power": lambda v: v > 0, "eta": lambda v: 0 <= v <= 1}
+    for key, ok in in_range.items():
         value = getattr(cfg, key)
-        if not math.isfinite(value) or (key != "guidance_scale" and value < 0):
+        if not math.isfinite(value) or not ok(value):
             raise ConfigError(f"config key 'sample.{key}': bad value {value}")
-    if cfg.time_power <= 0 or cfg.eta > 1:
-        raise ConfigError("config key 'sample.time_power' must be > 0 and 'sample.eta' in [0, 1], got "
-                          f"{cfg.time_power} and {cfg.eta}")
 
 
 def _merge_only(out_dir: Path) -> int:
