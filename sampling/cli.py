@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
     model, model_cfg, stats, checkpoint = load_for_sampling(args.checkpoint)
     _check_same_checkpoint(Path(args.out), checkpoint)
+    if rank == 0:  # one warning per job, not one per rank
+        _warn_if_guidance_is_unused(args, cfg)
     summary = sample_to_directory(
         model, model_cfg, stats, cfg, args.out,
         checkpoint=str(checkpoint),
@@ -193,12 +195,27 @@ def _check_sample_config(cfg) -> None:
     for key, low in minimum.items():
         if getattr(cfg, key) < low:
             raise ConfigError(f"config key 'sample.{key}': must be >= {low}, got {getattr(cfg, key)}")
-    in_range = {"coord_snr": lambda v: v >= 0, "lattice_snr": lambda v: v >= 0, "guidance_scale": lambda v: True,
-                "time_power": lambda v: v > 0, "eta": lambda v: 0 <= v <= 1}
-    for key, ok in in_range.items():
+    # guidance_scale: 0 is the unconditional model, 1 the conditional one, above 1 extrapolates past it;
+    # below 0 would push samples away from the condition asked for, which nobody means to request.
+    in_range = {"coord_snr": (lambda v: v >= 0, ">= 0"), "lattice_snr": (lambda v: v >= 0, ">= 0"),
+                "guidance_scale": (lambda v: v >= 0, ">= 0"), "time_power": (lambda v: v > 0, "> 0"),
+                "eta": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+    for key, (ok, allowed) in in_range.items():
         value = getattr(cfg, key)
         if not math.isfinite(value) or not ok(value):
-            raise ConfigError(f"config key 'sample.{key}': bad value {value}")
+            raise ConfigError(f"config key 'sample.{key}': must be finite and {allowed}, got {value}")
+
+
+def _warn_if_guidance_is_unused(args: argparse.Namespace, cfg) -> None:
+    """Guidance mixes the conditional and unconditional predictions; with no condition there is only
+    the unconditional one, so a scale the user set changes nothing and would otherwise go unnoticed
+    (it is still recorded in request.json and samples.jsonl, as given)."""
+    from xtalgen.schema import SampleConfig
+
+    given = args.guidance is not None or cfg.guidance_scale != SampleConfig.guidance_scale
+    if given and not cfg.conditions:
+        print(f"xtalgen: warning: guidance scale {cfg.guidance_scale:g} has no effect without a --condition: "
+              "the samples are unconditional", file=sys.stderr)
 
 
 def _merge_only(out_dir: Path) -> int:

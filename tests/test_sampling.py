@@ -171,6 +171,7 @@ def test_conditions_guidance_and_fixed_atom_count(tmp_path, capsys):
             "--steps", "4", "--num-atoms", "6", "--guidance", "2.0", "--no-progress",
             "--condition", "dft_band_gap=3.0", "--condition", "chemical_system=O-Li-Co"]
     assert main(args) == 0
+    assert "guidance" not in capsys.readouterr().err  # with a condition the scale is used: no warning
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["num_atoms"] for r in rows] == [6, 6, 6]
     assert all(r["conditions"] == {"dft_band_gap": 3.0, "chemical_system": "Co-Li-O"} for r in rows)
@@ -179,6 +180,30 @@ def test_conditions_guidance_and_fixed_atom_count(tmp_path, capsys):
     bad = ["sample", str(model), "--out", str(tmp_path / "bad"), "--condition", "band_gap=3"]
     assert main(bad) == 2
     assert "unknown condition 'band_gap'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", [pytest.param(["--guidance", "-1"], id="flag"),
+                                 pytest.param(["sample.guidance_scale=-0.5"], id="override")])
+def test_negative_guidance_is_refused_in_one_line_before_anything_is_written(model_file, tmp_path, capsys, how):
+    out = tmp_path / "neg"
+    assert main(["sample", str(model_file), "--out", str(out), "--no-progress", *how]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("xtalgen: error: config key 'sample.guidance_scale'"), err
+    assert ">= 0" in err and not out.exists()
+
+
+def test_guidance_without_a_condition_warns_once_and_changes_nothing(model_file, tmp_path, capsys):
+    small = ["--num-samples", "2", "--batch-size", "2", "--steps", "2", "--seed", "3", "--no-progress",
+             "sample.corrector_steps=0"]
+    assert main(["sample", str(model_file), "--out", str(tmp_path / "plain"), *small]) == 0
+    assert "guidance" not in capsys.readouterr().err
+    assert main(["sample", str(model_file), "--out", str(tmp_path / "guided"), *small, "--guidance", "3"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "guidance" in line]
+    assert warnings == ["xtalgen: warning: guidance scale 3 has no effect without a --condition: "
+                        "the samples are unconditional"]
+    # Ignored indeed: the very same structures as without it (the scale is still recorded as given).
+    assert (tmp_path / "guided" / "samples.extxyz").read_bytes() == (tmp_path / "plain" / "samples.extxyz").read_bytes()
+    assert json.loads((tmp_path / "guided" / "request.json").read_text())["guidance_scale"] == 3.0
 
 
 def test_sample_overrides_and_help(model_file, tmp_path, capsys):
