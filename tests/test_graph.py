@@ -256,3 +256,29 @@ def test_dense_and_skewed_cells_give_the_graph_of_a_full_search(perov_val, monke
     assert torch.equal(got.edge_index, edge_index)
     assert torch.equal(got.cell_offsets, offsets)
     assert (torch.bincount(got.edge_index[1]) == 50).all()  # every atom of these cells has 50 neighbours
+
+
+def test_sphere_search_visits_exactly_the_lattice_points_of_a_box_search():
+    """Fincke-Pohst enumeration of each pair's sphere against a brute force over its image box, on
+    random sheared and flattened cells: the same (pair, shift) points within the radius."""
+    gen = torch.Generator().manual_seed(3)
+    lattice = torch.randn(40, 3, 3, generator=gen, dtype=torch.float64) * 3
+    lattice[::4] *= torch.tensor([1.0, 1.0, 0.2], dtype=torch.float64)[:, None]  # thin cells
+    upper = graph_module._upper_triangular_factor(lattice)
+    frac = torch.tensor([[1.0, 2.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close((frac @ lattice).norm(dim=-1).squeeze(1), (upper @ frac.T).norm(dim=1).squeeze(1))
+    diff = torch.rand(40, 3, generator=gen, dtype=torch.float64) * 2 - 1
+    radius = torch.rand(40, generator=gen, dtype=torch.float64) * 6 + 1
+    images = torch.full((40, 3), 6, dtype=torch.long)
+    pair, shift = graph_module._sphere_points(diff, upper, radius, images)
+
+    box = torch.cartesian_prod(*[torch.arange(-6, 7)] * 3)  # (13^3, 3)
+    dist = torch.einsum("pbi,pij->pbj", diff[:, None] + box.double(), lattice).norm(dim=-1)  # (P, 13^3)
+    inside = dist < radius[:, None]
+    expected = {(p, tuple(box[b].tolist())) for p, b in inside.nonzero().tolist()}
+    found = set(zip(pair.tolist(), map(tuple, shift.tolist())))
+    assert len(expected) > 1000
+    assert expected <= found  # nothing within the radius is missed
+    extra = [(p, s) for p, s in found - expected]
+    extra_dist = [float(((diff[p] + torch.tensor(s).double()) @ lattice[p]).norm()) for p, s in extra]
+    assert all(abs(d - float(radius[p])) < 1e-6 for (p, _), d in zip(extra, extra_dist))  # only boundary slack
