@@ -5,16 +5,19 @@
 `mace` (mace-torch's `mace_mp`) and `mattersim` are registered when their packages are installed,
 and `register_potential` adds any ASE calculator. `relax_many` runs a list of structures over a
 pool of processes, each loading the potential once, and yields results as they finish so that the
-caller can append them to a resumable log.
+caller can append them to a resumable log. `on_step` reports each energy-and-forces evaluation of a
+structure as it happens (from the pool's workers too), so that a long relaxation shows progress.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 import io
 import math
 import multiprocessing as mp
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -161,27 +164,34 @@ class CHGNetPotential(Potential):
         return [float(p["e"]) for p in predictions]
 
     def relax(
-        self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
+        self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True,
+        on_step: Callable[[], None] | None = None,
     ) -> RelaxResult:
         self.calculator.start_volume_per_atom = volume_per_atom(structure)
-        with cpu_threads(self.threads):
-            output = self.optimizer.relax(
-                structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
-            )
+        self.calculator.on_step = on_step
+        try:
+            with cpu_threads(self.threads):
+                output = self.optimizer.relax(
+                    structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
+                )
+        finally:
+            self.calculator.on_step = None
         relaxed: Structure = output["final_structure"]
         magmoms = [float(m) for m in relaxed.site_properties.get("magmom", [])]
         return relax_result(structure, relaxed, output["trajectory"].energies, steps, magmoms)
 
 
     def relax_batch(
-        self, structures: Sequence[Structure], fmax: float = 0.05, steps: int = 500, concurrency: int = 8
+        self, structures: Sequence[Structure], fmax: float = 0.05, steps: int = 500, concurrency: int = 8,
+        on_step: Callable[[int], None] | None = None,
     ) -> Iterator[tuple[int, RelaxResult | Exception]]:
         """Relax many structures with one batched model call per step (see batched_relax.py);
-        yields (position, result or exception) as each finishes."""
+        yields (position, result or exception) as each finishes; on_step(position) per evaluation."""
         from xtalgen.evaluation.batched_relax import relax_batched
 
         with cpu_threads(self.threads):
-            yield from relax_batched(self, structures, fmax=fmax, steps=steps, concurrency=concurrency)
+            yield from relax_batched(self, structures, fmax=fmax, steps=steps, concurrency=concurrency,
+                                     on_step=on_step)
 
 
 def _guarded_chgnet_calculator(model, device: str):
@@ -190,10 +200,13 @@ def _guarded_chgnet_calculator(model, device: str):
 
     class GuardedCHGNetCalculator(CHGNetCalculator):
         start_volume_per_atom = float("nan")  # set before each relaxation
+        on_step: Callable[[], None] | None = None  # progress, set for the length of one relaxation
 
         def calculate(self, atoms=None, *args, **kwargs):
             if atoms is not None and math.isfinite(self.start_volume_per_atom):
                 check_relaxation_volume(self.start_volume_per_atom, atoms.get_volume() / len(atoms))
+            if self.on_step is not None:
+                self.on_step()
             return super().calculate(atoms, *args, **kwargs)
 
     return GuardedCHGNetCalculator(model=model, use_device=device)
@@ -219,7 +232,8 @@ class ASECalculatorPotential(Potential):
             return [float(self._atoms(s).get_potential_energy()) / len(s) for s in structures]
 
     def relax(
-        self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True
+        self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True,
+        on_step: Callable[[], None] | None = None,
     ) -> RelaxResult:
         from ase.filters import FrechetCellFilter
         from ase.optimize import FIRE
@@ -232,6 +246,8 @@ class ASECalculatorPotential(Potential):
             optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
             start = volume_per_atom(structure)
             optimizer.attach(lambda: check_relaxation_volume(start, atoms.get_volume() / n_atoms), interval=1)
+            if on_step is not None:
+                optimizer.attach(on_step, interval=1)
             converged = bool(optimizer.run(fmax=fmax, steps=steps))
         relaxed = AseAtomsAdaptor.get_structure(atoms)
         with contextlib.suppress(Exception):  # not every calculator computes magnetic moments
@@ -283,35 +299,54 @@ def load_potential(name: str, device: str = "cpu", **kwargs) -> Potential:
 
 # --- parallel relaxation ----------------------------------------------------------------------
 _WORKER_POTENTIAL: Potential | None = None
+_WORKER_STEPS = None  # a multiprocessing queue of structure indices, one per evaluation, or None
 
 
-def _init_worker(name: str, threads: int) -> None:
-    global _WORKER_POTENTIAL
+def _init_worker(name: str, threads: int, steps=None) -> None:
+    global _WORKER_POTENTIAL, _WORKER_STEPS
     _WORKER_POTENTIAL = load_potential(name, threads=threads)
+    _WORKER_STEPS = steps
 
 
 def _relax_task(task: tuple[list[int], list[dict], float, int, int]) -> list[tuple[int, dict | None, str]]:
     indices, structure_dicts, fmax, steps, batch = task
     structures = [Structure.from_dict(d) for d in structure_dicts]
+    on_step = _WORKER_STEPS.put if _WORKER_STEPS is not None else None
     return [
         (index, result.to_json() if result is not None else None, error)
-        for index, result, error in _relax_serial(_WORKER_POTENTIAL, list(zip(indices, structures)), fmax, steps, batch)
+        for index, result, error in _relax_serial(_WORKER_POTENTIAL, list(zip(indices, structures)), fmax, steps,
+                                                  batch, on_step)
     ]
 
 
-def _relax_serial(model: Potential, structures, fmax: float, steps: int, batch: int):
+def _takes_on_step(method) -> bool:
+    """Whether a potential's relax/relax_batch reports steps (one registered from outside may not)."""
+    try:
+        return "on_step" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _relax_serial(model: Potential, structures, fmax: float, steps: int, batch: int,
+                  on_step: Callable[[int], None] | None = None):
     """In this process: batched when the potential supports it, else one at a time."""
     if batch > 1 and hasattr(model, "relax_batch"):
         indices = [i for i, _ in structures]
-        for position, outcome in model.relax_batch([s for _, s in structures], fmax, steps, concurrency=batch):
+        progress = {}
+        if on_step is not None and _takes_on_step(model.relax_batch):
+            progress = {"on_step": lambda position: on_step(indices[position])}
+        outcomes = model.relax_batch([s for _, s in structures], fmax, steps, concurrency=batch, **progress)
+        for position, outcome in outcomes:
             if isinstance(outcome, Exception):
                 yield indices[position], None, f"{type(outcome).__name__}: {outcome}"
             else:
                 yield indices[position], outcome, ""
         return
+    reports = on_step is not None and _takes_on_step(model.relax)
     for index, structure in structures:
+        progress = {"on_step": (lambda i=index: on_step(i))} if reports else {}
         try:
-            yield index, model.relax(structure, fmax=fmax, steps=steps), ""
+            yield index, model.relax(structure, fmax=fmax, steps=steps, **progress), ""
         except Exception as exc:  # one structure that breaks the potential must not stop the run
             yield index, None, f"{type(exc).__name__}: {exc}"
 
@@ -324,17 +359,19 @@ def relax_many(
     fmax: float = 0.05,
     steps: int = 500,
     batch: int = 8,
+    on_step: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, RelaxResult | None, str]]:
     """Relax (index, structure) pairs; yield (index, result or None, error) in completion order.
 
     Each process relaxes up to `batch` structures together (one batched model call per optimizer
     step, for potentials with `relax_batch`). With `workers > 1` a pool of spawned processes each
     loads the potential once (by name) and runs single-threaded (see `cpu_threads`): one process
-    per core is the fast layout. Results come back per chunk (at most 2 x batch structures).
+    per core is the fast layout. Results come back per chunk (at most 2 x batch structures), so
+    `on_step(index)`, called at each energy-and-forces evaluation, is what shows progress meanwhile.
     """
     if workers <= 1 or len(structures) <= batch:
         model = load_potential(potential) if isinstance(potential, str) else potential
-        yield from _relax_serial(model, list(structures), fmax, steps, batch)
+        yield from _relax_serial(model, list(structures), fmax, steps, batch, on_step)
         return
     if not isinstance(potential, str):
         raise ValueError("parallel relaxation needs the potential by registry name")
@@ -344,7 +381,21 @@ def relax_many(
         for k in range(0, len(structures), chunk)
     ]
     context = mp.get_context("spawn")  # fork after torch threads start can deadlock
-    with context.Pool(workers, initializer=_init_worker, initargs=(potential, 1)) as pool:
-        for results in pool.imap_unordered(_relax_task, tasks, chunksize=1):
-            for index, payload, error in results:
-                yield index, (RelaxResult.from_json(payload) if payload is not None else None), error
+    step_queue = context.Queue() if on_step is not None else None
+    reader = None
+    if step_queue is not None:
+        def read_steps() -> None:
+            for index in iter(step_queue.get, None):
+                on_step(index)
+
+        reader = threading.Thread(target=read_steps, daemon=True)
+        reader.start()
+    try:
+        with context.Pool(workers, initializer=_init_worker, initargs=(potential, 1, step_queue)) as pool:
+            for results in pool.imap_unordered(_relax_task, tasks, chunksize=1):
+                for index, payload, error in results:
+                    yield index, (RelaxResult.from_json(payload) if payload is not None else None), error
+    finally:
+        if step_queue is not None:
+            step_queue.put(None)  # after the workers' own messages: the reader drains them, then stops
+            reader.join(timeout=5)
