@@ -14,6 +14,7 @@ EPILOG = """examples:
   xtalgen evaluate samples.extxyz --out eval --no-relax                   # validity + uniqueness only
   xtalgen evaluate samples --reference train.csv --test-split test.csv --dataset perov_5 --out eval
   xtalgen evaluate cifs/ --out eval --workers 2 evaluate.relax_steps=300  # dotted config overrides
+  xtalgen evaluate cifs/ --out eval --max-relax-atoms 500                 # also relax cells of up to 500 atoms
   xtalgen evaluate samples --out eval evaluate.elemental_reference=mp_elemental_entries.json.gz
   xtalgen data download mp_hull --out data/mp_hull                       # Materials Project entries
   xtalgen evaluate samples --reference shards/mp20 --hull data/mp_hull --out eval   # hull of MP compounds
@@ -28,10 +29,15 @@ A structure is a physical cell when its volume per atom lies in the reference's 
 or without a reference in the default band of 5-60 Å³/atom; other cells are not structurally
 valid and are not relaxed. Without a hull of real compounds (--hull or --reference) stability
 and SUN are reported as not assessed.
+
+A structure that cannot be read (bad CIF, unknown element, bytes that are not text) or on which a
+check fails is a row with a `not_evaluated` reason, counted in the summary; the rest go on.
+Structures of more than --max-relax-atoms atoms (default 200) are not relaxed, and so never
+stable; a rerun into the same --out with a larger limit relaxes just those.
 """
 
 CSV_FIRST_COLUMNS = [
-    "id", "formula", "chemical_system", "num_atoms", "num_elements", "valid", "struct_valid",
+    "id", "not_evaluated", "not_evaluated_detail", "formula", "chemical_system", "num_atoms", "num_elements", "valid", "struct_valid",
     "struct_reason", "physical_cell", "volume_per_atom", "struct_valid_cdvae", "comp_valid", "min_distance",
     "volume", "density", "space_group", "relaxed", "relax_converged", "relax_steps", "relax_failure",
     "relax_error", "rmsd", "energy_per_atom", "e_above_hull",
@@ -66,6 +72,9 @@ def register(subparsers) -> None:
     parser.add_argument("--comp-scaler", help='JSON {"means": [...], "stds": [...]} for composition fingerprints')
     parser.add_argument("--config", action="append", default=[], help="YAML config or preset name")
     parser.add_argument("--no-relax", action="store_true", help="skip relaxation (and stability)")
+    parser.add_argument("--max-relax-atoms", type=int, metavar="N",
+                        help="relax structures of up to N atoms (default 200; 0 = no limit); larger ones "
+                        "are reported as not relaxed")
     parser.add_argument("--workers", type=int, help="processes for relaxation and matching")
     parser.add_argument("--potential", help="interatomic potential by name (default chgnet)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
@@ -84,7 +93,14 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"evaluate.potential={args.potential}")
     if args.no_relax:
         overrides.append("evaluate.relax=false")
+    if args.max_relax_atoms is not None:
+        overrides.append(f"evaluate.max_relax_atoms={args.max_relax_atoms}")
     cfg = load_config(args.config, overrides).evaluate
+    if cfg.max_relax_atoms < 0:
+        from xtalgen.schema import ConfigError
+
+        raise ConfigError(f"config key 'evaluate.max_relax_atoms' (--max-relax-atoms): must be >= 0 "
+                          f"(0 = no limit), got {cfg.max_relax_atoms}")
     try:
         summary = run_evaluation(
             args.input, args.out, cfg, reference=args.reference, test_split=args.test_split,
@@ -275,8 +291,15 @@ def summary_lines(summary: dict) -> list[str]:
 
     band = summary.get("physical_volume_per_atom_band")
     band_text = f"[{band[0]:.3g}, {band[1]:.3g}] Å³/atom, {summary.get('physical_volume_per_atom_band_source')}" if band else ""
+    skipped = summary.get("not_evaluated_count", 0)
+    if skipped:
+        why = ", ".join(f"{reason} {count}" for reason, count in (summary.get("not_evaluated_reasons") or {}).items())
+        first = (f"evaluated {n - skipped} of {n} structures in {summary.get('seconds', 0.0):.1f} s; "
+                 f"not evaluated {skipped} ({why}; see not_evaluated in per_structure.csv)")
+    else:
+        first = f"evaluated {n} structures in {summary.get('seconds', 0.0):.1f} s"
     lines = [
-        f"evaluated {n} structures in {summary.get('seconds', 0.0):.1f} s",
+        first,
         f"  physical cell {pct('physical_cell_rate')} (volume per atom in {band_text}; "
         f"median {num(summary.get('volume_per_atom_median'))}, max {num(summary.get('volume_per_atom_max'))} Å³/atom)",
         f"  valid {pct('valid_rate')} (structural {pct('struct_valid_rate')} incl. physical cell, "

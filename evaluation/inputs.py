@@ -7,7 +7,9 @@
 * a shard set (a folder with `manifest.json`), read with `xtalgen.sharding.open_shards`.
 
 Nothing here validates: the evaluator must see bad structures to count them. An entry that cannot
-be parsed at all yields `structure=None` with the error, so it is reported, not dropped.
+be read as a crystal yields `structure=None` with a reason code and the error, so it is reported,
+not dropped. The codes are those `shard build` writes to rejects.csv (`REASON_CODES` of
+`xtalgen.datasets.validation`), so one bad file reads the same in both places.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class InputStructure:
     id: str
     structure: Structure | None
     metadata: dict = field(default_factory=dict)
-    error: str = ""
+    error: str = ""  # why `structure` is None (or, for an extxyz frame, what went wrong)
+    reason: str = ""  # the reason code of that error, e.g. "unknown_element"
 
 
 def iter_structures(path: str | Path, split: str | None = None) -> Iterator[InputStructure]:
@@ -45,7 +48,7 @@ def iter_structures(path: str | Path, split: str | None = None) -> Iterator[Inpu
         else:
             yield from _iter_cif_folder(path)
     elif path.suffix.lower() == ".cif":
-        yield _parse_cif(path.stem, path.read_text(errors="replace"))
+        yield _read_cif(path.stem, path)
     elif path.suffix.lower() in (".extxyz", ".xyz"):
         yield from _iter_extxyz(path)
     elif path.suffix.lower() == ".csv":
@@ -54,14 +57,67 @@ def iter_structures(path: str | Path, split: str | None = None) -> Iterator[Inpu
         raise ValueError(f"{path}: expected a folder, .cif, .extxyz or .csv")
 
 
-def _parse_cif(identifier: str, text: str, metadata: dict | None = None) -> InputStructure:
+def non_element_species(structure: Structure) -> str | None:
+    """The first species that is not a chemical element, or None.
+
+    pymatgen reads an unknown symbol such as `Xx` as a dummy species instead of failing; it has no
+    mass, so the density, the potential and the fingerprints all fail on it later."""
+    from pymatgen.core.periodic_table import Element
+
+    for specie in structure.composition:
+        if not isinstance(specie, Element) and not isinstance(getattr(specie, "element", None), Element):
+            return str(getattr(specie, "symbol", specie))
+    return None
+
+
+def _read_cif(identifier: str, path: Path, metadata: dict | None = None) -> InputStructure:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return InputStructure(identifier, None, dict(metadata or {}), f"{path.name}: {exc.strerror or exc}",
+                              "unreadable_file")
+    return _parse_cif(identifier, data.decode("utf-8", errors="replace"), metadata, raw=data)
+
+
+def _parse_cif(identifier: str, text: str, metadata: dict | None = None, raw: bytes | None = None) -> InputStructure:
+    metadata = dict(metadata or {})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pymatgen warns about rounding on most generated CIFs
             structure = Structure.from_str(text, fmt="cif")
-        return InputStructure(identifier, structure, dict(metadata or {}))
     except Exception as exc:  # pymatgen raises many types on malformed CIFs
-        return InputStructure(identifier, None, dict(metadata or {}), f"unparsable CIF: {exc}")
+        return _diagnose_cif(identifier, text if raw is None else raw.decode("utf-8", "surrogateescape"),
+                             metadata, exc)
+    bad = non_element_species(structure)
+    if bad is not None:
+        return InputStructure(identifier, None, metadata, f"{bad!r} is not a chemical element", "unknown_element")
+    return InputStructure(identifier, structure, metadata)
+
+
+def _diagnose_cif(identifier: str, text: str, metadata: dict, exc: Exception) -> InputStructure:
+    """A CIF pymatgen refused, read again by the dataset parser for a reason code.
+
+    pymatgen merges atoms that sit on the same position and then refuses the doubled occupancy
+    ("no structures"): a generated CIF with overlapping atoms would read as unparsable. The P1
+    reader of `shard build` keeps every atom, so such a CIF is evaluated (and found structurally
+    invalid, atoms too close) instead; anything it cannot read either gets its reason code."""
+    from pymatgen.core import Lattice
+
+    from xtalgen.datasets.validation import Reject, parse_cif
+
+    try:
+        parsed = parse_cif(text)
+        structure = Structure(Lattice(parsed.lattice), [int(z) for z in parsed.atomic_numbers], parsed.frac_coords)
+    except Reject as rejection:
+        return InputStructure(identifier, None, metadata, rejection.detail, rejection.reason)
+    except Exception:  # the dataset parser has no more to say than pymatgen
+        return InputStructure(identifier, None, metadata, f"unparsable CIF: {_first_line(exc)}", "unparsable")
+    return InputStructure(identifier, structure, metadata)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "") or type(exc).__name__
 
 
 def _iter_cif_folder(path: Path) -> Iterator[InputStructure]:
@@ -69,7 +125,7 @@ def _iter_cif_folder(path: Path) -> Iterator[InputStructure]:
     if not files:
         raise ValueError(f"{path} holds no CIF files, samples.jsonl or manifest.json")
     for file in files:
-        yield _parse_cif(str(file.relative_to(path).with_suffix("")), file.read_text(errors="replace"))
+        yield _read_cif(str(file.relative_to(path).with_suffix("")), file)
 
 
 def _iter_sampling_output(path: Path) -> Iterator[InputStructure]:
@@ -84,7 +140,7 @@ def _iter_sampling_output(path: Path) -> Iterator[InputStructure]:
         identifier = str(row["id"])
         cif = path / (row.get("cif") or f"cifs/{identifier}.cif")
         if cif.exists():
-            yield _parse_cif(identifier, cif.read_text(errors="replace"), row)
+            yield _read_cif(identifier, cif, row)
             continue
         if frames is None:
             frames = {item.id: item for item in _iter_extxyz(path / SAMPLES_EXTXYZ)} if (path / SAMPLES_EXTXYZ).exists() else {}
@@ -102,9 +158,15 @@ def _iter_extxyz(path: Path) -> Iterator[InputStructure]:
     for i, atoms in enumerate(iread(str(path), index=":", format="extxyz")):
         identifier = str(atoms.info.get("id", f"{path.stem}-{i}"))
         try:
-            yield InputStructure(identifier, AseAtomsAdaptor.get_structure(atoms))
+            structure = AseAtomsAdaptor.get_structure(atoms)
         except Exception as exc:  # e.g. a frame without a cell
-            yield InputStructure(identifier, None, {}, f"unusable extxyz frame: {exc}")
+            yield InputStructure(identifier, None, {}, f"unusable extxyz frame: {exc}", "unparsable")
+            continue
+        bad = non_element_species(structure)
+        if bad is not None:
+            yield InputStructure(identifier, None, {}, f"{bad!r} is not a chemical element", "unknown_element")
+        else:
+            yield InputStructure(identifier, structure)
 
 
 def _iter_csv(path: Path, chunksize: int = 2048) -> Iterator[InputStructure]:

@@ -10,8 +10,12 @@ Two stages:
 2. over the set (cheap, recomputed every time): uniqueness, novelty vs the reference structures,
    energy above the hull of the reference set (see `hull.py`), stable / SUN flags, targets.
 
-Rates in the summary are over all evaluated structures, as MatterGen reports them (an invalid or
-unrelaxable structure counts as not stable). Structural validity includes a physical cell (volume
+Rates in the summary are over all structures given, as MatterGen reports them (an invalid or
+unrelaxable structure counts as not stable). A structure that cannot be read, or on which a check
+fails, is a row with `not_evaluated` (a reason code) and `not_evaluated_detail`, counted by reason in
+the summary, and the others go on. Structures of more than `max_relax_atoms` atoms are not relaxed
+(a CHGNet relaxation of 400 atoms takes minutes on a CPU) unless the limit is raised; they say so in
+`relax_error` and are never stable. Structural validity includes a physical cell (volume
 per atom in a band, see physical.py); cells outside it are not relaxed. Novelty and SUN are None
 when no reference is given; stability and SUN are None ("not assessed", with the reason) when the
 hull would hold elemental references only (no hull file, no reference set), unless allowed.
@@ -24,6 +28,8 @@ import hashlib
 import json
 import math
 import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +39,7 @@ from pymatgen.core import Composition, Structure
 from tqdm.auto import tqdm
 
 from xtalgen.evaluation import hull as hull_lib
-from xtalgen.evaluation.inputs import InputStructure, iter_structures
+from xtalgen.evaluation.inputs import InputStructure, iter_structures, non_element_species
 from xtalgen.evaluation.matching import MatchSettings, ReferenceIndex, duplicate_of, novel_flags
 from xtalgen.evaluation.physical import (
     DEFAULT_VOLUME_PER_ATOM_BAND,
@@ -59,6 +65,8 @@ from xtalgen.schema import EvaluateConfig
 
 ON_HULL_TOLERANCE = 1e-6  # eV/atom: float noise of identical entries, nothing physical
 RELAXED_KEY = "_relaxed"  # the relaxed structure in the log (kept out of the CSV)
+EVALUATION_ERROR = "evaluation_error"  # not_evaluated: a per-structure check raised
+TOO_MANY_ATOMS = "too many atoms"  # relax_failure: over evaluate.max_relax_atoms
 
 
 # --- public API -----------------------------------------------------------------------------------
@@ -134,7 +142,8 @@ def evaluate_inputs(items: Sequence[InputStructure], reference=None, relax: bool
         reference,
         relax,
         ids=[item.id for item in items],
-        metadata=[{**item.metadata, **({"parse_error": item.error} if item.error else {})} for item in items],
+        metadata=[{**item.metadata, **({"parse_error": item.error, "parse_reason": item.reason or "unparsable"}
+                                       if item.structure is None else {})} for item in items],
         **kwargs,
     )
 
@@ -165,7 +174,7 @@ class _Potentials:
 def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, models, log_path, progress, band):
     log = _ResultLog(log_path)
     done = log.load()
-    todo = [k for k, i in enumerate(ids) if i not in done]
+    todo = [k for k, i in enumerate(ids) if i not in done or _may_relax_now(done[i], relax, cfg)]
     rows = {k: _static_row(ids[k], structures[k], metadata[k], cfg, band) for k in todo}
     bar = tqdm(total=len(todo), desc="evaluating", disable=not progress, unit="structure")
 
@@ -175,19 +184,26 @@ def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, model
         bar.update()
 
     # Only structurally valid structures (physical cells among them) are relaxed; the others are
-    # reported with the reason, and can never be stable.
-    relaxable = [k for k in todo if rows[k]["struct_valid"]]
+    # reported with the reason, and can never be stable. So are those over the size limit.
+    oversized = {k for k in todo if relax and rows[k]["struct_valid"] and _over_limit(rows[k], cfg)}
+    relaxable = [k for k in todo if rows[k]["struct_valid"] and k not in oversized]
     for k in todo:
-        if not rows[k]["struct_valid"] or not (relax or stability):
+        if not rows[k]["struct_valid"] or k in oversized or not (relax or stability):
             if relax and not rows[k]["struct_valid"]:
                 rows[k]["relax_error"] = _not_relaxed_reason(rows[k])
                 rows[k]["relax_failure"] = relax_failure_reason(rows[k]["relax_error"])
+            elif k in oversized:
+                count = rows[k]["num_atoms"]
+                rows[k]["relax_error"] = (f"not relaxed: {count} atoms > {cfg.max_relax_atoms} "
+                                          f"(pass --max-relax-atoms {count} to relax)")
+                rows[k]["relax_failure"] = TOO_MANY_ATOMS
             finish(k)
     if relax:
         pairs = [(k, structures[k]) for k in relaxable]
+        steps = _StepProgress(bar, ids, rows, cfg.relax_steps) if progress else None
         for k, result, error in relax_many(
             pairs, models.relax_target, workers=cfg.workers, fmax=cfg.relax_fmax, steps=cfg.relax_steps,
-            batch=cfg.relax_batch,
+            batch=cfg.relax_batch, on_step=steps,
         ):
             _add_relaxation(rows[k], result, error, cfg)
             finish(k)
@@ -195,17 +211,74 @@ def _per_structure_stage(structures, ids, metadata, relax, stability, cfg, model
         batch = 16
         for start in range(0, len(relaxable), batch):
             chunk = relaxable[start : start + batch]
-            energies = models.model.energies_per_atom([structures[k] for k in chunk])
-            for k, energy in zip(chunk, energies):
-                rows[k]["energy_per_atom"] = float(energy)
+            for k, energy in zip(chunk, _single_points(models.model, [structures[k] for k in chunk])):
+                if isinstance(energy, Exception):
+                    rows[k]["energy_error"] = f"{type(energy).__name__}: {energy}"
+                else:
+                    rows[k]["energy_per_atom"] = float(energy)
                 finish(k)
     bar.close()
     return done
 
 
+def _over_limit(row: dict, cfg: EvaluateConfig) -> bool:
+    return cfg.max_relax_atoms > 0 and row.get("num_atoms", 0) > cfg.max_relax_atoms
+
+
+def _may_relax_now(row: dict, relax: bool, cfg: EvaluateConfig) -> bool:
+    """A logged structure skipped for its size is redone once the limit allows it, so a rerun with
+    a larger --max-relax-atoms into the same --out relaxes just those."""
+    return relax and row.get("relax_failure") == TOO_MANY_ATOMS and not _over_limit(row, cfg)
+
+
+def _single_points(model: Potential, structures: list[Structure]) -> list:
+    """Energies per atom, or the exception, per structure: a batch that fails is redone one by one
+    so that one structure the potential cannot handle costs only its own energy."""
+    try:
+        return list(model.energies_per_atom(structures))
+    except Exception:
+        out: list = []
+        for structure in structures:
+            try:
+                out.append(model.energies_per_atom([structure])[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+
+class _StepProgress:
+    """Relaxation steps on the progress bar: the bar counts finished structures, and one structure
+    of hundreds of atoms can take many minutes, so the postfix shows the structure that last took
+    a step, its step count and the steps taken in all. Called from the relaxation threads (and from
+    the thread that reads the pool's step messages): updates are locked, redraws throttled."""
+
+    REDRAW_SECONDS = 0.5
+
+    def __init__(self, bar, ids, rows, max_steps: int):
+        self.bar, self.ids, self.rows, self.max_steps = bar, ids, rows, max_steps
+        self.calls: Counter = Counter()
+        self.total = 0
+        self.drawn = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self, k: int) -> None:
+        with self.lock:
+            self.calls[k] += 1
+            self.total += 1
+            # The first energy and forces are of the input structure; each one after is a step.
+            step = self.calls[k] - 1
+            atoms = self.rows[k].get("num_atoms", "?")
+            self.bar.set_postfix_str(f"relaxing {self.ids[k]} ({atoms} atoms): step {step}/{self.max_steps}, "
+                                     f"{self.total} steps in all", refresh=False)
+            now = time.monotonic()
+            if now - self.drawn >= self.REDRAW_SECONDS:
+                self.drawn = now
+                self.bar.refresh()
+
+
 def _not_relaxed_reason(row: dict) -> str:
-    if row.get("struct_reason") == "unparsable":
-        return "unparsable"
+    if row.get("not_evaluated"):
+        return row["not_evaluated"]
     if row.get("physical_cell") is False:
         return f"{NON_PHYSICAL_CELL}: {row['volume_per_atom']:.3g} Å³/atom"
     return f"structurally invalid: {row.get('struct_reason')}"
@@ -223,9 +296,25 @@ def _static_row(identifier: str, structure: Structure | None, metadata: dict, cf
                 band: tuple[float, float]) -> dict:
     row: dict = {"id": identifier, "conditions": dict(metadata.get("conditions") or {})}
     if structure is None:
-        row.update(parse_error=metadata.get("parse_error") or "no structure", struct_valid=False,
-                   comp_valid="unknown", valid=False, struct_reason="unparsable")
-        return row
+        return _not_evaluated(row, metadata.get("parse_reason") or "unparsable",
+                              metadata.get("parse_error") or "no structure")
+    bad = non_element_species(structure)  # given as a Structure through the API, never read here
+    if bad is not None:
+        return _not_evaluated(row, "unknown_element", f"{bad!r} is not a chemical element")
+    try:
+        row.update(_checks(structure, cfg, band))
+    except Exception as exc:  # one structure that breaks a check must not stop the others
+        return _not_evaluated(row, EVALUATION_ERROR, f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def _not_evaluated(row: dict, reason: str, detail: str) -> dict:
+    row.update(not_evaluated=reason, not_evaluated_detail=detail, struct_valid=False, comp_valid="unknown",
+               valid=False, struct_reason=reason)
+    return row
+
+
+def _checks(structure: Structure, cfg: EvaluateConfig, band: tuple[float, float]) -> dict:
     structural = structural_validity(structure)
     composition = compositional_validity(structure)
     per_atom = volume_per_atom(structure)
@@ -234,7 +323,7 @@ def _static_row(identifier: str, structure: Structure | None, metadata: dict, cf
     # physical cell: a blown-up cell has no close atoms either, but it is not a crystal.
     struct_valid = structural.valid and physical
     reason = "; ".join(r for r in (structural.reason, "" if physical else non_physical_reason(per_atom, band)) if r)
-    row.update(
+    return dict(
         formula=structure.composition.reduced_formula,
         chemical_system=chemical_system(structure),
         num_atoms=len(structure),
@@ -252,31 +341,38 @@ def _static_row(identifier: str, structure: Structure | None, metadata: dict, cf
         space_group=space_group_number(structure, cfg.symprec) if struct_valid else None,
         hhi_score=hhi_score(structure),
     )
-    return row
 
 
 def _add_relaxation(row: dict, result: RelaxResult | None, error: str, cfg: EvaluateConfig) -> None:
-    if result is None:
-        row["relax_error"] = error or "no result"
-        row["relax_failure"] = relax_failure_reason(row["relax_error"])
-        return
-    relaxed = result.structure
-    row.update(
-        relaxed=True,
-        energy_per_atom=result.energy_per_atom,
-        initial_energy_per_atom=result.initial_energy_per_atom,
-        relax_converged=result.converged,
-        relax_steps=result.steps,
-        rmsd=result.rmsd,
-        space_group=space_group_number(relaxed, cfg.symprec),
-        space_group_generated=row.get("space_group"),
-        mag_density=magnetic_density(relaxed, result.magmoms),
-    )
-    row[RELAXED_KEY] = relaxed.as_dict()
+    if result is not None:
+        relaxed = result.structure
+        try:
+            found = dict(
+                relaxed=True,
+                energy_per_atom=result.energy_per_atom,
+                initial_energy_per_atom=result.initial_energy_per_atom,
+                relax_converged=result.converged,
+                relax_steps=result.steps,
+                rmsd=result.rmsd,
+                space_group=space_group_number(relaxed, cfg.symprec),
+                space_group_generated=row.get("space_group"),
+                mag_density=magnetic_density(relaxed, result.magmoms),
+            )
+        except Exception as exc:  # a relaxed structure the checks cannot read counts as not relaxed
+            result, error = None, f"{type(exc).__name__}: {exc}"
+        else:
+            row.update(found)
+            row[RELAXED_KEY] = relaxed.as_dict()
+            return
+    row["relax_error"] = error or "no result"
+    row["relax_failure"] = relax_failure_reason(row["relax_error"])
 
 
 def _evaluated_structure(row: dict, structure: Structure | None) -> Structure | None:
-    """The structure that set-level checks judge: the relaxed one when there is one."""
+    """The structure that set-level checks judge: the relaxed one when there is one; None for a
+    structure that could not be evaluated (it is neither unique nor novel nor on any hull)."""
+    if row.get("not_evaluated"):
+        return None
     if row.get(RELAXED_KEY):
         return Structure.from_dict(row[RELAXED_KEY])
     return structure
@@ -599,8 +695,14 @@ def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg
         return float(np.mean(found)) if found else float("nan")
 
     per_atom = values("volume_per_atom")
+    # Logs written before `not_evaluated` existed marked unreadable structures by struct_reason alone.
+    not_evaluated = Counter(r.get("not_evaluated") or "unparsable" for r in rows
+                            if r.get("not_evaluated") or r.get("struct_reason") == "unparsable")
     summary = {
         "num_structures": n,
+        "evaluated_count": n - sum(not_evaluated.values()),
+        "not_evaluated_count": sum(not_evaluated.values()),  # rows with a reason, in the rates as failures
+        "not_evaluated_reasons": dict(sorted(not_evaluated.items(), key=lambda kv: (-kv[1], kv[0]))),
         "physical_cell_rate": rate("physical_cell"),
         "volume_per_atom_median": float(np.median(per_atom)) if per_atom else None,
         "volume_per_atom_max": max(per_atom) if per_atom else None,

@@ -40,6 +40,9 @@ class EvaluateConfig:
     reference_relax: bool = True  # relax reference structures (False: single-point energies)
     symprec: float = 0.1  # Å, spglib tolerance for space groups
     relax_batch: int = 8  # structures relaxed together per process (one batched model call per step)
+    # Larger structures are not relaxed unless asked (`--max-relax-atoms N`, 0 = no limit): CHGNet
+    # takes minutes per relaxation of a few hundred atoms on a CPU, and generated cells hold ~20.
+    max_relax_atoms: int = 200
     # Convex-hull entries (`xtalgen data download mp_hull`) for stability and SUN; also what periodic
     # sampling in training scores against. "" = none: stability is then "not assessed" unless a
     # reference set gives real compounds, or `allow_elements_only_hull` accepts an elements-only hull.
