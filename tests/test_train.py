@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import threading
 import time
 
 import numpy as np
@@ -75,6 +77,7 @@ def test_accumulation_keeps_the_global_batch_fixed():
         (["train.offload_optimizer=nvme", "train.zero_stage=2"], "train.offload_nvme_path"),
         (["train.offload_param=cpu", "train.zero_stage=2"], "train.offload_param"),
         (["train.optim.scheduler=linear"], "train.optim.scheduler"),
+        (["train.wandb.init_timeout_s=0"], "train.wandb.init_timeout_s"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):
@@ -260,6 +263,92 @@ def test_wandb_offline_run_holds_the_logged_keys(records, tmp_path, monkeypatch)
         for key in metrics.keys() - {"step"}:
             assert history[metrics["step"]][key] == pytest.approx(metrics[key]), key
     assert {"train", "model", "data"} <= config
+
+
+@pytest.fixture
+def silent_server():
+    """A local port that accepts connections and never answers (a proxy or firewall that swallows
+    traffic): only a timeout ends a request to it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted, stop = [], threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+def _closed_port_url() -> str:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now: connections are refused
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def fresh_wandb():
+    """W&B reads its environment once per process (into a singleton that later changes are ignored
+    by), as a training process does at its start: tear it down around a test that sets it."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+@pytest.mark.parametrize(("server", "mode"), [("silent", "auto"), ("refusing", "online"), ("refusing", "auto")])
+def test_wandb_without_a_server_falls_back_to_offline_within_the_timeout(server, mode, silent_server, tmp_path,
+                                                                           monkeypatch, caplog, fresh_wandb):
+    from xtalgen.schema import WandbConfig
+    from xtalgen.train.metrics_log import MetricsLogger
+
+    url, accepted = silent_server if server == "silent" else (_closed_port_url(), [])
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key, so `auto` means online
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    timeout = 3.0
+    started = time.monotonic()
+    logger = MetricsLogger(tmp_path, True, WandbConfig(mode=mode, init_timeout_s=timeout), {"seed": 7}, "run")
+    elapsed = time.monotonic() - started
+    mode_used, run_id = logger.wandb_mode, logger.wandb_id
+    logger.log({"step": 1, "loss": 0.25})
+    logger.finish({"status": "completed"})
+
+    assert mode_used == "offline"  # not disabled: there is something to sync
+    # W&B's default would wait 90 s (and ~10 s more for an account lookup); this waits the timeout.
+    assert elapsed < timeout + 8, elapsed
+    if server == "silent":
+        assert accepted, "the online attempt never reached the server"
+        assert elapsed >= timeout, elapsed  # the server was given its time
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(f"-{run_id}")
+    fallback = [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B offline")]
+    assert len(fallback) == 1 and f"wandb sync {runs[0]}" in fallback[0]
+    files = list(runs[0].glob("run-*.wandb"))
+    assert len(files) == 1
+    for _ in range(100):  # the W&B service process may still be flushing the file
+        kinds = [r.WhichOneof("record_type") for r in read_wandb_records(files[0])]
+        if "exit" in kinds:
+            break
+        time.sleep(0.2)
+    history = [json.loads(item.value_json) for r in read_wandb_records(files[0])
+               if r.WhichOneof("record_type") == "history" for item in r.history.item if _item_key(item) == "loss"]
+    assert history == [0.25] and "exit" in kinds  # a whole run on disk, as `wandb sync` needs it
 
 
 def test_wandb_disabled_by_environment(records, tmp_path, monkeypatch):

@@ -55,6 +55,8 @@ def validate_train_config(train: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}': must be > 0, got {value}")
     if not 0.0 <= train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay': must be in [0, 1), got {train.ema_decay}")
+    if not 0.0 < train.wandb.init_timeout_s < float("inf"):
+        raise ConfigError(f"config key 'train.wandb.init_timeout_s': must be > 0 seconds, got {train.wandb.init_timeout_s}")
 
 
 def _offload(device: str, nvme_path: str) -> dict[str, Any]:

@@ -2,16 +2,26 @@
 
 W&B never decides whether a run lives: mode `auto` is offline without an API key or network,
 `WANDB_MODE=disabled` turns it off, and every W&B exception is caught and reported once.
+
+An online run that cannot start within `train.wandb.init_timeout_s` (a server that does not
+answer, a proxy that swallows the connection, an error) is started again offline, with the same
+run id, so its files are kept on disk and `wandb sync` uploads them later; one log line says so
+and gives the command. Offline, not disabled: a disabled run leaves nothing to sync.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
+import string
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from xtalgen.schema import WandbConfig
 
@@ -23,14 +33,36 @@ def _has_wandb_key() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return "api.wandb.ai" in netrc.read_text()
+        text = netrc.read_text()
     except OSError:
         return False
+    return any(host in text for host in {"api.wandb.ai", urlsplit(_base_url()).hostname or "api.wandb.ai"})
 
 
-def _reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 1.5) -> bool:
+def _base_url() -> str:
+    """The W&B server this process talks to: WANDB_BASE_URL (a self-hosted one), else the installed
+    wandb's default (api.wandb.ai in older releases, api.forge.coreweave.com in 0.31)."""
+    url = os.environ.get("WANDB_BASE_URL", "").strip()
+    if url:
+        return url
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        import wandb
+
+        return str(wandb.Settings().base_url)
+    except Exception:
+        return "https://api.wandb.ai"
+
+
+def _reachable(url: str | None = None, timeout: float = 1.5) -> bool:
+    """Whether the server's port accepts a TCP connection: a quick check that catches no network
+    and refused ports; a server that accepts but never answers is caught by the init timeout."""
+    parts = urlsplit(url or _base_url())
+    try:
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+    except ValueError:  # a malformed port: leave the verdict to wandb.init
+        return True
+    try:
+        with socket.create_connection((parts.hostname or "api.wandb.ai", port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -48,6 +80,14 @@ def resolve_wandb_mode(cfg: WandbConfig) -> str:
     return "online" if _has_wandb_key() and _reachable() else "offline"
 
 
+def _offline_because(cfg: WandbConfig, mode: str) -> str | None:
+    """Why mode `auto` chose offline although an API key is there (None if it was not that)."""
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode != "offline" or cfg.mode != "auto" or env_mode in ("online", "offline") or not _has_wandb_key():
+        return None
+    return f"{_base_url()} unreachable"
+
+
 class MetricsLogger:
     """Writes metrics.jsonl and W&B on the main rank; every method is a no-op elsewhere."""
 
@@ -61,7 +101,8 @@ class MetricsLogger:
         if active:
             self.wandb_mode = resolve_wandb_mode(wandb_cfg)
             if self.wandb_mode != "disabled":
-                self._start_wandb(run_dir, wandb_cfg, run_config, run_name, wandb_id)
+                self._start_wandb(run_dir, wandb_cfg, run_config, run_name, wandb_id,
+                                  _offline_because(wandb_cfg, self.wandb_mode))
 
     # --- metrics.jsonl -----------------------------------------------------------------------
     def truncate_after(self, step: int) -> None:
@@ -114,24 +155,35 @@ class MetricsLogger:
 
     # --- W&B ---------------------------------------------------------------------------------
     def _start_wandb(self, run_dir: Path, cfg: WandbConfig, run_config: dict, name: str,
-                     wandb_id: str | None) -> None:
+                     wandb_id: str | None, offline_because: str | None = None) -> None:
         try:
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity or None,
-                name=name,
-                id=wandb_id,
-                resume="allow" if wandb_id else None,
-                dir=str(run_dir),
-                config=run_config,
-                mode=self.wandb_mode,
-                settings=wandb.Settings(console="off"),  # system stats stay on (the default)
-            )
+            # The id is chosen here so that an offline restart continues the run the online attempt began.
+            run_id = wandb_id or _new_run_id()
+            arguments = dict(project=cfg.project, entity=cfg.entity or None, name=name, id=run_id,
+                             resume="allow" if wandb_id else None, dir=str(run_dir), config=run_config)
+            if self.wandb_mode == "online":
+                started = time.monotonic()
+                try:
+                    self.wandb_run = _init_online(wandb, arguments, cfg.init_timeout_s)
+                    return
+                except Exception as exc:  # no answer in time, refused, rejected: offline instead
+                    offline_because = (f"no online run after {time.monotonic() - started:.0f} s "
+                                       f"({type(exc).__name__}: {_first_line(exc)})")
+                # The failed attempt's stream holds the run id until W&B's service is torn down.
+                with contextlib.suppress(Exception):
+                    wandb.teardown()
+                self.wandb_mode = "offline"
+            self.wandb_run = wandb.init(**arguments, mode="offline", settings=wandb.Settings(console="off"))
         except Exception as exc:  # a broken W&B must never stop training
             log.warning("W&B disabled: could not start a run (%s: %s)", type(exc).__name__, exc)
             self.wandb_run, self.wandb_mode = None, "disabled"
+            return
+        if offline_because:
+            where = getattr(self.wandb_run.settings, "sync_dir", None) or str(run_dir / "wandb")
+            log.warning("W&B offline: %s; the run is kept in %s, upload it with `wandb sync %s`",
+                        offline_because, where, where)
 
     @property
     def wandb_id(self) -> str | None:
@@ -150,3 +202,25 @@ class MetricsLogger:
         except Exception as exc:
             log.warning("W&B disabled after an error in %s (%s: %s)", what, type(exc).__name__, exc)
             self.wandb_run, self.wandb_mode = None, "disabled"
+
+
+def _init_online(wandb, arguments: dict, timeout_s: float):
+    """wandb.init online, giving up after about `timeout_s` seconds."""
+    # Before the run, W&B looks up the account behind the key for its "logged in as" message; with
+    # no answer from the server that lookup waits ~10 s of its own, outside init_timeout. The
+    # lookup only feeds messages and account defaults, so it is skipped (process-wide setting).
+    if "x_disable_viewer" in getattr(wandb.Settings, "model_fields", {}):
+        with contextlib.suppress(Exception):
+            wandb.setup(wandb.Settings(x_disable_viewer=True))
+    return wandb.init(**arguments, mode="online", settings=wandb.Settings(console="off", init_timeout=timeout_s))
+
+
+def _new_run_id() -> str:
+    """A W&B run id of the form W&B makes: 8 lowercase letters and digits."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

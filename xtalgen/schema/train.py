@@ -24,6 +24,9 @@ class WandbConfig:
     project: str = "xtalgen"
     entity: str = ""
     mode: str = "auto"  # auto (offline without key/network) | online | offline | disabled
+    # Seconds an online run may take to start; past it (or on any error) the run logs offline.
+    # W&B's own default is 90 s, spent in full whenever a proxy or firewall swallows the connection.
+    init_timeout_s: float = 15.0
 
 
 @dataclass
