@@ -58,6 +58,7 @@ def main() -> int:
                    "structures_per_s": round(args.count / max(seconds, 1e-9), 2)}
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")
+            log.flush()  # a row per finished variant, even if a later one is interrupted
     return 0
 
 
