@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-relax-atoms", type=int, metavar="N",
                         help="relax structures of up to N atoms (default 200; 0 = no limit); larger ones "
                         "are reported as not relaxed")
+    parser.add_argument("--no-matching", action="store_true",
+                        help="skip uniqueness and novelty (StructureMatcher over every pair of one formula: "
+                        "hours for 1,000 structures of one element); reported as not assessed")
     parser.add_argument("--workers", type=int, help="processes for relaxation and matching")
     parser.add_argument("--potential", help="interatomic potential by name (default chgnet)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
@@ -93,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"evaluate.potential={args.potential}")
     if args.no_relax:
         overrides.append("evaluate.relax=false")
+    if args.no_matching:
+        overrides.append("evaluate.matching=false")
     if args.max_relax_atoms is not None:
         overrides.append(f"evaluate.max_relax_atoms={args.max_relax_atoms}")
     cfg = load_config(args.config, overrides).evaluate

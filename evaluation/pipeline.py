@@ -424,26 +424,29 @@ ELEMENTS_ONLY_REASON = (
 def _set_stage(rows, evaluated, reference, stability, cfg, models, progress, hull_options=_HullOptions()) -> dict:
     settings = MatchSettings(cfg.ltol, cfg.stol, cfg.angle_tol)
     present = [k for k, s in enumerate(evaluated) if s is not None]
-    first = duplicate_of([evaluated[k] for k in present], settings, cfg.workers)
-    for row in rows:
-        row["unique"] = False
-    for position, k in enumerate(present):
-        rows[k]["unique"] = first[position] == position
-        rows[k]["duplicate_of"] = rows[present[first[position]]]["id"]
-
     notes: list[str] = []
+    if cfg.matching:
+        first = duplicate_of([evaluated[k] for k in present], settings, cfg.workers)
+        for row in rows:
+            row["unique"] = False
+        for position, k in enumerate(present):
+            rows[k]["unique"] = first[position] == position
+            rows[k]["duplicate_of"] = rows[present[first[position]]]["id"]
+    else:
+        notes.append("uniqueness, novelty and SUN not assessed: structure matching is off (evaluate.matching=false)")
+
     reference_items = _reference_items(reference) if reference is not None else None
     systems = {_system(s) for s in evaluated if s is not None}
     # With a hull file, the reference set is for novelty only (its structures are not relaxed).
     scan_hull = stability and hull_options.hull is None
     index, hull_candidates = _scan_reference(reference_items, evaluated, systems, scan_hull, progress)
-    if index is not None:
+    if index is not None and cfg.matching:
         novel = novel_flags([evaluated[k] for k in present], index, settings, cfg.workers)
         for row in rows:
             row["novel"] = False
         for k, flag in zip(present, novel):
             rows[k]["novel"] = flag
-    else:
+    elif index is None:
         notes.append("novelty not computed: no reference set given (--reference)")
 
     assessment = None
@@ -711,8 +714,8 @@ def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg
         "comp_valid_rate": rate("comp_valid", "valid"),
         "comp_unknown_rate": rate("comp_valid", "unknown"),
         "valid_rate": rate("valid"),
-        "unique_rate": rate("unique"),
-        "novel_rate": rate("novel") if reference_size is not None else None,
+        "unique_rate": rate("unique") if cfg.matching else None,
+        "novel_rate": rate("novel") if reference_size is not None and cfg.matching else None,
         "reference_size": reference_size,
         "potential": cfg.potential,
         "stability_threshold": cfg.stability_threshold,
@@ -726,7 +729,7 @@ def _summary(rows: list[dict], reference_size: int | None, notes: list[str], cfg
             stable_rate=rate("stable") if assessed else None,  # over all structures: not assessed = not stable
             stability_not_assessed_count=sum(1 for r in rows if r.get("stability_not_assessed")),
             on_or_below_hull_rate=rate("on_or_below_hull") if assessed else None,
-            sun_rate=rate("sun") if assessed and reference_size is not None else None,
+            sun_rate=rate("sun") if assessed and reference_size is not None and cfg.matching else None,
             mean_e_above_hull=mean("e_above_hull") if assessed else None,
             mean_energy_per_atom=mean("energy_per_atom"),
         )

@@ -114,6 +114,19 @@ def test_without_reference_novelty_is_reported_missing(perov):
     assert "novel" not in rows[0]
 
 
+
+def test_matching_off_reports_uniqueness_and_novelty_as_not_assessed(perov):
+    from xtalgen.schema import EvaluateConfig
+
+    structures = [perov[0], perov[0], perov[1]]
+    _, matched = evaluate_structures(structures, reference=perov[:1])
+    assert matched["unique_rate"] == 2 / 3 and matched["novel_rate"] == 1 / 3
+    rows, summary = evaluate_structures(structures, reference=perov[:1], cfg=EvaluateConfig(matching=False))
+    assert summary["unique_rate"] is None and summary["novel_rate"] is None
+    assert all("unique" not in row and "novel" not in row for row in rows)
+    assert any("structure matching is off" in note for note in summary["notes"])
+    assert summary["valid_rate"] == matched["valid_rate"]  # the per-structure checks are unchanged
+
 # --- hull -------------------------------------------------------------------------------------------------
 def test_hull_known_answers():
     # A and B at 0 eV/atom, AB at -1 eV/atom: the hull is the two lines through (0,0), (1/2,-1), (1,0).
