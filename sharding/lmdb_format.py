@@ -83,6 +83,18 @@ class LmdbSplitWriter:
         return self.tmp_path
 
 
+_KEY_LENGTH = len(record_key(0))
+
+
+def _checked_key(raw: bytes, shard: str, previous: str | None) -> str:
+    """`raw` as a record key, or ShardCorruptionError: LMDB returns whatever bytes a damaged leaf
+    page holds, and those must not surface as a decoding error that names no shard."""
+    if len(raw) != _KEY_LENGTH or not raw.isdigit():  # bytes.isdigit: ASCII 0-9 only
+        where = f"after key {previous}" if previous is not None else "at its start"
+        raise ShardCorruptionError(shard, f"damaged record key {raw[:32]!r} {where}")
+    return raw.decode("ascii")
+
+
 class LmdbSplitReader:
     """Random access to one split's LMDB file; opens lazily so it survives fork into workers."""
 
@@ -120,11 +132,14 @@ class LmdbSplitReader:
         return out
 
     def iter_items(self) -> Iterator[tuple[str, bytes]]:
-        """(key, value) in key order, streaming with a cursor."""
+        """(key, value) in key order, streaming with a cursor. A key that is not a record key (an
+        altered byte in a leaf page) raises ShardCorruptionError naming the shard and the last good key."""
+        previous = None
         try:
             with self._environment().begin(buffers=False) as txn:
-                for key, value in txn.cursor():
-                    yield key.decode(), value
+                for raw, value in txn.cursor():
+                    previous = _checked_key(raw, self.name, previous)
+                    yield previous, value
         except lmdb.Error as exc:
             raise ShardCorruptionError(self.name, f"LMDB error: {exc}") from exc
 

@@ -8,6 +8,7 @@ one report lists all broken shards; `xtalgen shard verify` exits 1 when there is
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ def _check_shard(root: Path, fmt: str, entry: dict) -> list[ShardProblem]:
         if "sha256" not in problems[0].detail:
             return problems  # missing or resized: mapping it could crash the process, stop here
         problems += _check_records_isolated(root, fmt, entry)
+    elif problems:
+        problems += _check_records_of_altered_file(root, fmt, entry)
     else:
         problems += _check_records(root, fmt, entry)
     # A whole-file sha256 mismatch is reported once even if record checks name the key too.
@@ -106,10 +109,29 @@ def _check_records_isolated(root: Path, fmt: str, entry: dict) -> list[ShardProb
     # spawn, not fork: py-lmdb refuses a file that the parent (inherited state) has open.
     context = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            return pool.submit(_check_records, root, fmt, entry).result()
+        with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_quiet_stderr) as pool:
+            return pool.submit(_check_records_of_altered_file, root, fmt, entry).result()
     except BrokenProcessPool:
         return [ShardProblem(entry["file"], "LMDB pages damaged: reading the file crashes the reader")]
+
+
+def _quiet_stderr() -> None:
+    """Initializer of the isolated reader: LMDB prints an assertion (`mdb.c: Assertion 'IS_LEAF(mp)'
+    failed`) before it aborts on a damaged page. The report says that in its own words, naming the
+    shard, so the C message would only be noise after it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _check_records_of_altered_file(root: Path, fmt: str, entry: dict) -> list[ShardProblem]:
+    """`_check_records` on a file whose sha256 already failed. Altered bytes can make a reader fail
+    in ways no check anticipates; whatever it raises, the report must still name the shard (an
+    error that escapes would end `shard verify` without its report)."""
+    try:
+        return _check_records(root, fmt, entry)
+    except Exception as exc:  # the file is known broken; this only says how
+        return [ShardProblem(entry["file"], f"unreadable ({type(exc).__name__}: {exc})")]
 
 
 def _check_records(root: Path, fmt: str, entry: dict) -> list[ShardProblem]:

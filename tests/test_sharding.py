@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from xtalgen.sharding import (
     shard_stats,
     verify_shards,
 )
+from xtalgen.sharding.codec import record_key
 
 FORMATS = ("lmdb", "webdataset")
 SPLITS = ("train", "val")
@@ -155,6 +157,68 @@ def test_flipped_byte_is_named_by_verify_and_at_read(fmt, records, tmp_path):
     with pytest.raises(ShardCorruptionError) as err:
         list(open_shards(tmp_path).iter_records("train"))
     assert err.value.shard == broken and err.value.key == "000000070"
+
+
+def _overwrite(path: Path, at: int, length: int = 1) -> None:
+    """Overwrite `length` bytes at `at` with other bytes (XOR 0xBE: never a no-op, often not UTF-8)."""
+    data = bytearray(path.read_bytes())
+    for i in range(at, min(at + length, len(data))):
+        data[i] ^= 0xBE
+    path.write_bytes(bytes(data))
+
+
+# Where the damage goes: a fraction of the file (LMDB meta/branch/leaf pages, tar headers and
+# padding), or the located bytes of record 5's key or value.
+DAMAGE_SITES = ["0.0", "0.02", "0.3", "0.6", "0.99", "key", "value"]
+
+
+@pytest.mark.parametrize("site", DAMAGE_SITES)
+def test_overwritten_bytes_anywhere_end_in_a_verify_report_naming_the_shard(built, site, tmp_path, capfd):
+    from xtalgen.cli import main
+
+    root = tmp_path / "set"
+    shutil.copytree(built, root)
+    shards = open_shards(root)
+    entry = shards.shards("train")[0]
+    path = root / entry["file"]
+    if site == "key":  # the LMDB key in its leaf page; the tar member name in its header
+        at = path.read_bytes().find(record_key(5).encode())
+    elif site == "value":
+        at = path.read_bytes().find(shards.get_values("train", [5])[0]) + 40
+    else:
+        at = int(float(site) * (entry["bytes"] - 1))
+    assert at >= 0
+    _overwrite(path, at, length=4 if site == "value" else 1)
+
+    assert main(["shard", "verify", str(root), "--quiet"]) == 1  # the documented exit for a broken set
+    out, err = capfd.readouterr()  # capfd: also what the isolated LMDB reader process printed
+    assert "Traceback" not in out + err and "error" not in err, err
+    broken = [line.strip() for line in out.splitlines() if line.strip().startswith("BROKEN")]
+    assert broken and all(line.startswith(f"BROKEN {entry['file']}") for line in broken), out
+    if site in ("key", "value"):
+        # Located damage is named down to the record: the value's own key, or the key before it.
+        assert (f"[key {record_key(5)}]" if site == "value" else f"after key {record_key(4)}") in out, out
+        with pytest.raises(ShardCorruptionError) as read_error:  # and reading names it the same way
+            list(open_shards(root).iter_records("train"))
+        assert read_error.value.shard == entry["file"]
+
+
+@pytest.mark.slow
+def test_a_byte_overwritten_at_any_of_hundreds_of_offsets_is_named_by_verify(built, tmp_path):
+    """The sites above, swept: every 211th byte of the first train shard, one at a time."""
+    root = tmp_path / "set"
+    shutil.copytree(built, root)
+    entry = open_shards(root).shards("train")[0]
+    path = root / entry["file"]
+    intact = path.read_bytes()
+    unnamed = []
+    for at in range(7, len(intact), 211):
+        _overwrite(path, at)
+        report = verify_shards(root)
+        if report.broken_shards != [entry["file"]]:
+            unnamed.append((at, report.summary()))
+        path.write_bytes(intact)
+    assert not unnamed, unnamed[:3]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
