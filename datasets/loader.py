@@ -127,6 +127,16 @@ def _keep_arrays(item):
     return item
 
 
+# DataLoader re-raises a worker's exception in the main process as a RuntimeError holding the
+# worker's traceback as text: ShardCorruptionError's type, shard and key would be lost. Workers
+# therefore hand damage back as an item, and `CrystalLoader.__iter__` raises it there.
+_DAMAGE = "shard_corruption"
+
+
+def _damage_item(exc: ShardCorruptionError) -> dict:
+    return {_DAMAGE: (exc.shard, exc.detail, exc.key)}
+
+
 def _property_column(values: list, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(B,) values and (B,) presence mask, with `xtalgen.batch.collate`'s typing rules; chemical
     systems ("Co-Li-O") become a (B, 100) multi-hot over Z = 1..100 (column Z - 1)."""
@@ -203,7 +213,10 @@ class _LmdbBatches(Dataset):
 
     def __getitem__(self, b: int) -> dict:
         indices = self.order[self.bounds[b] : self.bounds[b + 1]]
-        return decode_arrays(self.reader.get_many(indices), indices, self.shard, self.property_names)
+        try:
+            return decode_arrays(self.reader.get_many(indices), indices, self.shard, self.property_names)
+        except ShardCorruptionError as exc:
+            return _damage_item(exc)
 
 
 class _WdsStreams(IterableDataset):
@@ -224,7 +237,11 @@ class _WdsStreams(IterableDataset):
         stream = (worker + self.position) % workers
         skip = max(0, -(-(self.position - stream) // workers))
         plan = self.plans[stream]
-        yield from stream_batches(self.root, plan, skip, self.window, self.property_names)
+        try:
+            yield from stream_batches(self.root, plan, skip, self.window, self.property_names)
+        except ShardCorruptionError as exc:
+            yield _damage_item(exc)
+            return
         for _ in range(max(skip, plan.num_batches), self.length):
             yield None
 
@@ -386,6 +403,8 @@ class CrystalLoader:
         """The rest of the current epoch; at its end the loader moves to the next epoch."""
         items = self._iter_lmdb() if self.shards.format == "lmdb" else self._iter_wds()
         for item in items:
+            if item is not None and _DAMAGE in item:
+                raise ShardCorruptionError(*item[_DAMAGE])
             self.position += 1
             if item is not None:
                 yield to_batch(item)
@@ -415,7 +434,7 @@ class CrystalLoader:
         path = self.shards.path / entry["file"]
         check_file_size(path, entry)
         if file_sha256(path) != entry["sha256"]:
-            raise ShardCorruptionError(entry["file"], "sha256 mismatch (file altered); run `xtalgen shard verify`")
+            raise ShardCorruptionError(entry["file"], "sha256 mismatch (file altered)")
 
     def _subset_indices(self, subset) -> np.ndarray | None:
         if subset is None:

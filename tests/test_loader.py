@@ -221,8 +221,9 @@ def test_subset_loader_reads_exactly_the_subset(fmt_dir, request, records):
     assert set(seen) <= carrying
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("fmt", ["lmdb", "webdataset"])
-def test_flipped_byte_fails_at_read_naming_shard_and_key(fmt, records, tmp_path):
+def test_flipped_byte_fails_at_read_naming_shard_and_key(fmt, workers, records, tmp_path):
     root = build(tmp_path, records[:120], fmt)
     shards = open_shards(root)
     value = shards.get_values("train", [45])[0]
@@ -232,7 +233,8 @@ def test_flipped_byte_fails_at_read_naming_shard_and_key(fmt, records, tmp_path)
     data[data.find(value) + 40] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(ShardCorruptionError) as err:
-        list(CrystalLoader(root, batch_size=8, shuffle=False, verify_checksums=False))
+        list(CrystalLoader(root, batch_size=8, shuffle=False, verify_checksums=False, num_workers=workers))
+    # The same typed error, shard and key whether a DataLoader worker or this process read it.
     assert err.value.shard == entry["file"] and err.value.key == "000000045"
     if fmt == "lmdb":  # by default the whole file is checked before LMDB maps it
         with pytest.raises(ShardCorruptionError, match="sha256") as err:

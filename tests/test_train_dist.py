@@ -253,3 +253,80 @@ def test_gpu_bf16_training_lowers_the_loss_and_consolidates(perov_val, tmp_path,
     assert info["device"] != "cpu"
     state = consolidated_state_dict(ckpt.latest_checkpoint(run_dir / "checkpoints"), use_ema=True)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+# --- a damaged shard met by a run --------------------------------------------------------------------
+DAMAGED_RECORD = 14  # in the third of four WebDataset tars, so only the rank reading that tar meets it
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(perov_val, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """24 Perov-5 structures as one LMDB file and as four tars, each with one byte of one record's
+    value altered after the build: {format: (shard directory, damaged shard file)}."""
+    import pandas as pd
+
+    from xtalgen.datasets.build import build_shards
+    from xtalgen.schema import load_config
+    from xtalgen.sharding import open_shards
+
+    root = tmp_path_factory.mktemp("damaged")
+    pd.read_csv(perov_val, nrows=24).to_csv(root / "perov24.csv", index=False)
+    data = load_config([], ["data.shard.split=train", "data.shard.records_per_shard=6"]).data
+    sets = {}
+    for fmt in ("lmdb", "webdataset"):
+        build_shards([str(root / "perov24.csv")], root / fmt, data, fmt=fmt, workers=1, progress=False)
+        shards = open_shards(root / fmt)
+        value, shard = shards.get_values("train", [DAMAGED_RECORD])[0], shards.shard_of("train", DAMAGED_RECORD)
+        raw = bytearray((root / fmt / shard).read_bytes())
+        raw[raw.find(value) + len(value) // 2] ^= 0x10
+        (root / fmt / shard).write_bytes(bytes(raw))
+        sets[fmt] = (root / fmt, shard)
+    return sets
+
+
+def _train_command(shards: Path, run_dir: Path) -> list[str]:
+    return ["-m", "xtalgen.cli", "train", "debug", f"data.shards={shards}", f"train.run_dir={run_dir}", *TINY_MODEL,
+            "train.max_steps=6", "train.global_batch_structures=4", "train.micro_batch_structures=2",
+            "train.wandb.enabled=false"]
+
+
+@pytest.mark.parametrize(("launcher", "fmt"), [
+    ("one process", "webdataset"),  # tars are checked as they stream: met mid-run, at a record
+    ("one process", "lmdb"),  # the LMDB file's sha256 is checked at start-up, before LMDB maps it
+    ("torchrun", "webdataset"),  # one rank meets it; the other must not hang or print a traceback
+    ("srun", "lmdb"),  # every rank meets it; still one line, and every rank's own exit code is 2
+])
+def test_a_damaged_shard_stops_training_with_one_line_and_exit_code_2(damaged_shards, tmp_path, launcher, fmt):
+    from xtalgen.train.trainer import EXIT_CORRUPT_DATA
+
+    shards, damaged = damaged_shards[fmt]
+    run_dir = tmp_path / "run"
+    entry = _train_command(shards, run_dir)
+    if launcher == "one process":
+        result = subprocess.run([sys.executable, *entry], env=clean_env(), capture_output=True, text=True, timeout=300)
+        output, codes = result.stdout + result.stderr, [result.returncode]
+    elif launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node=2",
+                   f"--master_port={free_port()}", *entry]
+        result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300)
+        output = result.stdout + result.stderr
+        # torchrun itself exits 1 after any failed rank and prints its own failure summary (with a
+        # traceback of its agent); the rank that failed first is reported there with its exit code.
+        assert result.returncode == 1 and output.count("Traceback") == 1, output[-3000:]
+        codes = [int(output.split("Root Cause")[1].split("exitcode  :")[1].split()[0])]
+    else:  # the environment `srun --ntasks 2` gives its tasks: no launcher between them and us
+        job = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(free_port()), "SLURM_JOB_NODELIST": "localhost"}
+        processes = [subprocess.Popen([sys.executable, *entry], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=clean_env() | job | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                                      text=True) for r in range(2)]
+        output = "".join(p.communicate(timeout=300)[0] for p in processes)
+        codes = [p.returncode for p in processes]
+
+    assert codes == [EXIT_CORRUPT_DATA] * len(codes), output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("xtalgen: error:")]
+    key = f", key {DAMAGED_RECORD:09d}" if fmt == "webdataset" else ""
+    assert errors == [f"xtalgen: error: corrupt data in shard {damaged}{key}: "
+                      f"{'record crc32 mismatch (altered bytes)' if key else 'sha256 mismatch (file altered)'}; "
+                      f"`xtalgen shard verify {shards}` lists every damaged shard"], output[-3000:]
+    assert "[rank" not in output and (launcher == "torchrun" or "Traceback" not in output), output[-3000:]
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints") is None  # no checkpoint of a run that never trained

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from xtalgen.schema import Config, ConfigError
-from xtalgen.train.distributed import init_distributed
+from xtalgen.sharding.codec import ShardCorruptionError
+from xtalgen.train.distributed import init_distributed, stop_together
 from xtalgen.train.trainer import Trainer
 
 log = logging.getLogger("xtalgen.train")
@@ -29,12 +30,19 @@ def build_trainer(cfg: Config) -> Trainer:
     if not (Path(cfg.data.shards) / "manifest.json").exists():
         raise ConfigError(f"config key 'data.shards': {cfg.data.shards} has no manifest.json")
     dist_info = init_distributed()
-    loader = CrystalLoader.from_config(
-        cfg.data.shards, cfg.data.loader, split=cfg.data.train_split,
-        batch_size=cfg.train.micro_batch_structures,  # the engine's micro batch is the loader's batch
-        rank=dist_info.rank, world_size=dist_info.world_size,
-        property_names=[c.name for c in cfg.model.conditions],
-    )
+    # Every rank checks the same files here (an LMDB file's sha256, the atom-count index): agreeing
+    # on the outcome gives one message for a damaged file, not one per rank.
+    loader, error = None, None
+    try:
+        loader = CrystalLoader.from_config(
+            cfg.data.shards, cfg.data.loader, split=cfg.data.train_split,
+            batch_size=cfg.train.micro_batch_structures,  # the engine's micro batch is the loader's batch
+            rank=dist_info.rank, world_size=dist_info.world_size,
+            property_names=[c.name for c in cfg.model.conditions],
+        )
+    except ShardCorruptionError as exc:
+        error = exc
+    stop_together(error)
     stats = loader.manifest_stats
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, stats)
@@ -51,7 +59,12 @@ def attach_periodic_sampling(trainer: Trainer, cfg: Config) -> None:
     # Under ZeRO-3 every rank holds a slice of the weights, so all ranks run the (identically seeded)
     # sampler together; otherwise rank 0 samples alone.
     everyone = cfg.train.zero_stage == 3
-    reference = training_reference(cfg) if everyone or trainer.is_main else None
+    reference, error = None, None
+    try:
+        reference = training_reference(cfg) if everyone or trainer.is_main else None
+    except ShardCorruptionError as exc:  # read by some ranks only: the others must not wait for them
+        error = exc
+    stop_together(error)
     sampler = make_periodic_sampler(cfg, reference=reference, stats=trainer.stats)
 
     def periodic_sampling(trainer: Trainer, step: int) -> dict | None:

@@ -17,8 +17,9 @@ EPILOG = """examples:
   xtalgen train base data.shards=shards/alex train.run_dir=runs/base train.resume=auto   # continue
   xtalgen train consolidate runs/base --out base.pt          # EMA weights -> one model file
 
-exit codes: 0 done, 2 config error, 3 stopped on non-finite losses, 75 preempted (checkpoint
-written on SIGTERM/SIGUSR1; run again with train.resume=auto)
+exit codes: 0 done, 2 config error or a damaged shard (one line names the shard and key),
+3 stopped on non-finite losses, 75 preempted (checkpoint written on SIGTERM/SIGUSR1; run again
+with train.resume=auto)
 """
 
 DEBUG_OVERRIDES = [
@@ -53,8 +54,10 @@ def main(args: argparse.Namespace) -> int:
     if args.config == "consolidate":
         return _consolidate(args)
     from xtalgen.schema import load_config
+    from xtalgen.sharding.codec import ShardCorruptionError
     from xtalgen.train.build import build_trainer
-    from xtalgen.train.trainer import run_and_report
+    from xtalgen.train.distributed import StoppedByPeer
+    from xtalgen.train.trainer import EXIT_CORRUPT_DATA, run_and_report
 
     overrides = list(args.rest)
     if args.debug:
@@ -62,7 +65,15 @@ def main(args: argparse.Namespace) -> int:
         steps = min(cfg.train.max_steps, DEBUG_MAX_STEPS)
         overrides = overrides + DEBUG_OVERRIDES + [f"train.max_steps={steps}"]
     cfg = load_config([args.config], overrides)
-    return run_and_report(build_trainer(cfg))
+    try:
+        return run_and_report(build_trainer(cfg))
+    except ShardCorruptionError as exc:
+        # Raised on one rank only (`stop_together`), so this line is printed once per run.
+        print(f"xtalgen: error: {exc}; `xtalgen shard verify {cfg.data.shards}` lists every damaged shard",
+              file=sys.stderr, flush=True)
+        return EXIT_CORRUPT_DATA
+    except StoppedByPeer:  # the rank that met the damage says so; this one stops quietly
+        return EXIT_CORRUPT_DATA
 
 
 def _consolidate(args: argparse.Namespace) -> int:

@@ -124,3 +124,34 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+class StoppedByPeer(RuntimeError):
+    """Another rank failed at the same point of the run and reports the error itself."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        super().__init__(f"rank {rank} stopped the run")
+
+
+def stop_together(error: BaseException | None) -> None:
+    """Every rank calls this at the same point, `error` being what it met there (None if nothing).
+
+    If any rank met an error, every rank raises: the lowest such rank its own error, every other
+    rank `StoppedByPeer`. So one rank reports the cause once, however many met it (the same damaged
+    file seen at start-up by every rank is one message, not one per rank), and no rank is left
+    waiting in a collective for a peer that has gone (gloo then fails with "connection closed by
+    peer", NCCL hangs until its timeout). With one process it simply raises `error`.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    flags[dist.get_rank()] = float(error is not None)
+    failed = torch.nonzero(all_reduce_sum(flags)).flatten().tolist()
+    if not failed:
+        return
+    if failed[0] == dist.get_rank():
+        raise error
+    raise StoppedByPeer(failed[0])

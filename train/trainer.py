@@ -3,6 +3,7 @@
 The whole step, in order (`Trainer._train_step`):
 
     for each of the `accumulation` micro-batches:
+        next batch; if any rank met a damaged record, every rank stops here (`stop_together`)
         batch -> device; forward under autocast (bf16) -> loss dict
         all-reduce a non-finite flag; if any rank's loss is NaN/inf, every rank skips this batch
         engine.backward(loss); engine.step()   # DeepSpeed reduces, clips and steps at the boundary
@@ -40,9 +41,10 @@ from tqdm.auto import tqdm
 
 from xtalgen.batch import CrystalBatch
 from xtalgen.schema import Config, ConfigError, OptimConfig, save_config
+from xtalgen.sharding.codec import ShardCorruptionError
 from xtalgen.train import checkpoint as ckpt
 from xtalgen.train.deepspeed_config import build_deepspeed_config, validate_train_config
-from xtalgen.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from xtalgen.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, stop_together
 from xtalgen.train.ema import ExponentialMovingAverage
 from xtalgen.train.metrics_log import MetricsLogger
 
@@ -51,6 +53,7 @@ log = logging.getLogger("xtalgen.train")
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 EXIT_OK = 0
+EXIT_CORRUPT_DATA = 2  # a damaged shard: bad input, like a config error; rerunning will not help
 EXIT_NONFINITE = 3  # too many non-finite losses: the run stopped, do not requeue blindly
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; requeue to continue
 
@@ -364,7 +367,7 @@ class Trainer:
     def _finite_forward(self, data: Iterator[CrystalBatch]) -> tuple[CrystalBatch, dict]:
         """Forward the next batch whose loss is finite on every rank; skipped batches are recorded."""
         while True:
-            batch = next(data).to(self.device, dtype=torch.float32)
+            batch = self._next_batch(data).to(self.device, dtype=torch.float32)
             with self._autocast():
                 out = self.engine(batch)
             if self._should_inject_nan():
@@ -375,6 +378,21 @@ class Trainer:
                 return batch, out
             del out  # drop the graph: this batch never reaches backward
             self._record_nonfinite(batch, local_bad, bad_ranks)
+
+    def _next_batch(self, data: Iterator[CrystalBatch]) -> CrystalBatch:
+        """The next batch; a damaged record stops every rank here, before the forward.
+
+        Ranks read different records, so only some meet the damage. Without agreeing first, the
+        others would enter the forward's or the loss check's collectives and wait for a rank that
+        has gone. One small all-reduce per micro-batch (with several ranks) buys a clean stop.
+        """
+        try:
+            batch, error = next(data), None
+        except ShardCorruptionError as exc:
+            batch, error = None, exc
+        if self.world_size > 1 or error is not None:
+            stop_together(error)
+        return batch
 
     def _should_inject_nan(self) -> bool:
         if self.tc.debug_inject_nan_step != self.step + 1 or self.rank != 0 or self._nan_injected:
@@ -577,6 +595,6 @@ def run_and_report(trainer: Trainer) -> int:
 
 
 __all__ = [
-    "EXIT_NONFINITE", "EXIT_OK", "EXIT_PREEMPTED", "LRSchedule", "LossForward", "NonFiniteLossError",
-    "Trainer", "format_summary", "run_and_report",
+    "EXIT_CORRUPT_DATA", "EXIT_NONFINITE", "EXIT_OK", "EXIT_PREEMPTED", "LRSchedule", "LossForward",
+    "NonFiniteLossError", "Trainer", "format_summary", "run_and_report",
 ]
