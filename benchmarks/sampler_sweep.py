@@ -51,7 +51,8 @@ def main() -> int:
                      *[kv for kv in overrides.split(",") if kv])
             seconds = round(time.perf_counter() - started, 1)  # a resumed set: the rest only
             _xtalgen("evaluate", str(samples), "--reference", args.reference, "--test-split", str(test),
-                     "--dataset", args.dataset, "--out", str(evaluation), "--no-relax")
+                     "--dataset", args.dataset, "--out", str(evaluation), "--no-relax",
+                     *(("--no-matching",) if args.dataset == "carbon_24" else ()))  # see quality.py
             summary = json.loads((evaluation / "summary.json").read_text())
             row = {"benchmark": "sampler_sweep", "model": args.model, "variant": label, "overrides": overrides,
                    **_setting_row(int(steps), args.count, summary, seconds),
