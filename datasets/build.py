@@ -45,11 +45,14 @@ import msgpack
 from xtalgen.datasets.properties import property_columns
 from xtalgen.datasets.readers import BUILTIN_PREFIX, RawItem, expand_inputs, iter_raw_items
 from xtalgen.datasets.validation import Rejection, parse_and_validate
+from xtalgen.dirlock import DirectoryLock
+from xtalgen.diskspace import DiskFullError, from_os_error, is_out_of_space
 from xtalgen.record import CrystalRecord, decode_record, encode_record
 from xtalgen.schema import ConfigError
 from xtalgen.schema.data import DataConfig, ReaderConfig, ShardConfig, ValidationConfig
 
 BUILD_DIR = ".build"
+RESUME_ADVICE = "free space there and run the same command again: it resumes from the chunks already done"
 STATE_NAME = "state.json"
 REJECTS_NAME = "rejects.csv"
 REJECTS_COLUMNS = ("id", "source", "reason", "detail")
@@ -116,6 +119,20 @@ def build_shards(
     _check_inputs_exist(inputs)
 
     out_dir = Path(out_dir)
+    # Held for the whole build, before anything is read or written: a second build into OUT would
+    # use the same temporary names and clear this one's (OutputInUseError names the holder).
+    with DirectoryLock(out_dir):
+        try:
+            return _build_locked(inputs, out_dir, cfg, fmt=fmt, workers=workers, progress=progress,
+                                 restart=restart)
+        except OSError as exc:  # a full disk anywhere else (the build state, rejects.csv): one line
+            if not is_out_of_space(exc):
+                raise
+            raise from_os_error(exc, out_dir).with_estimate(None, None, advice=RESUME_ADVICE) from None
+
+
+def _build_locked(inputs: Sequence[str], out_dir: Path, cfg: DataConfig, *, fmt: str, workers: int,
+                  progress: bool, restart: bool) -> BuildSummary:
     build_dir = out_dir / BUILD_DIR
     inputs = _input_files(inputs, out_dir)
     sources = source_fingerprints(inputs, progress=progress)
@@ -143,7 +160,13 @@ def build_shards(
         stale.unlink()
     _write_json(build_dir / STATE_NAME, {"fingerprint": fingerprint, "sources": sources})
 
-    num_chunks = run_chunks(inputs, build_dir, cfg, workers=workers, progress=progress)
+    try:
+        num_chunks = run_chunks(inputs, build_dir, cfg, workers=workers, progress=progress)
+    except DiskFullError as exc:
+        # How many chunks are still to come is unknown while the inputs stream; the shards will hold
+        # the same records as the chunks, so they need at least about what the chunks took so far.
+        written = _bytes_in(build_dir, "chunk-*.msgpack") or None  # none yet: nothing to estimate from
+        raise exc.with_estimate(written, written, at_least=True, advice=RESUME_ADVICE) from None
     summary = assemble(build_dir, num_chunks, out_dir, cfg, fmt=fmt, sources=sources, progress=progress)
     _write_json(build_dir / STATE_NAME, {"fingerprint": fingerprint, "sources": sources,
                                          "assembly": assembly, "summary": summary.to_dict()})
@@ -249,7 +272,14 @@ def process_chunk(
             results.append(["x", result.id, result.source, result.reason, result.detail])
     path = chunk_path(Path(build_dir), k)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(msgpack.packb({"v": CHUNK_FORMAT_VERSION, "chunk": k, "results": results}, use_bin_type=True))
+    payload = msgpack.packb({"v": CHUNK_FORMAT_VERSION, "chunk": k, "results": results}, use_bin_type=True)
+    try:
+        tmp.write_bytes(payload)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # frees what it took; a rerun redoes this chunk
+        if not is_out_of_space(exc):
+            raise
+        raise from_os_error(exc, path) from None
     os.replace(tmp, path)
     return len(items)
 
@@ -334,13 +364,17 @@ def assign_split(record_id: str, input_split: str | None, shard: ShardConfig) ->
     return names[-1]  # rounding of the cumulative sum
 
 
+def chunk_results(build_dir: Path, k: int) -> list[list]:
+    path = chunk_path(build_dir, k)
+    payload = msgpack.unpackb(path.read_bytes(), raw=False)
+    if payload.get("v") != CHUNK_FORMAT_VERSION or payload.get("chunk") != k:
+        raise RuntimeError(f"{path} is not chunk {k} of this build; rerun with --restart")
+    return payload["results"]
+
+
 def iter_chunk_results(build_dir: Path, num_chunks: int) -> Iterator[list]:
     for k in range(num_chunks):
-        path = chunk_path(build_dir, k)
-        payload = msgpack.unpackb(path.read_bytes(), raw=False)
-        if payload.get("v") != CHUNK_FORMAT_VERSION or payload.get("chunk") != k:
-            raise RuntimeError(f"{path} is not chunk {k} of this build; rerun with --restart")
-        yield from payload["results"]
+        yield from chunk_results(build_dir, k)
 
 
 def assemble(
@@ -358,30 +392,57 @@ def assemble(
     by_reason: Counter[str] = Counter()
     by_split: Counter[str] = Counter()
     read = 0
-    with open(rejects_tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
-        rejects = csv.writer(handle, lineterminator="\n")
-        rejects.writerow(REJECTS_COLUMNS)
-        for entry in tqdm(iter_chunk_results(build_dir, num_chunks), desc="write shards", unit=" structures",
-                          disable=not progress, file=sys.stderr):
-            read += 1
-            if entry[0] == "x":
-                _, rid, source, reason, detail = entry
-            else:
-                _, rid, source, input_split, data = entry
-                if rid not in seen_ids:
-                    seen_ids[rid] = source
-                    split = assign_split(rid, input_split, cfg.shard)
-                    writer.add(split, decode_record(data))
-                    by_split[split] += 1
-                    continue
-                reason, detail = "duplicate_id", f"id already accepted from {seen_ids[rid]}"
-            by_reason[reason] += 1
-            rejects.writerow([rid, source, reason, detail])
-    os.replace(rejects_tmp, rejects_path)
-    config = dataclasses.asdict(cfg)
-    config["shard"].update(format=fmt, workers=None)  # the worker count never changes the output
-    config["shards"] = ""
-    writer.finalize(sources=sources, rejected=dict(sorted(by_reason.items())), config=config)
+    chunk_bytes = [chunk_path(build_dir, k).stat().st_size for k in range(num_chunks)]
+    position = [0, 0, 1]  # chunk, entries done in it, its entries: how far the shards have got
+    bar = tqdm(desc="write shards", unit=" structures", disable=not progress, file=sys.stderr)
+    try:
+        with writer, bar, open(rejects_tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+            rejects = csv.writer(handle, lineterminator="\n")
+            rejects.writerow(REJECTS_COLUMNS)
+            for k in range(num_chunks):
+                results = chunk_results(build_dir, k)
+                position[:] = [k, 0, len(results)]
+                for entry in results:
+                    read += 1
+                    position[1] += 1
+                    bar.update(1)
+                    if entry[0] == "x":
+                        _, rid, source, reason, detail = entry
+                    else:
+                        _, rid, source, input_split, data = entry
+                        if rid not in seen_ids:
+                            seen_ids[rid] = source
+                            split = assign_split(rid, input_split, cfg.shard)
+                            writer.add(split, decode_record(data))
+                            by_split[split] += 1
+                            continue
+                        reason, detail = "duplicate_id", f"id already accepted from {seen_ids[rid]}"
+                    by_reason[reason] += 1
+                    rejects.writerow([rid, source, reason, detail])
+            os.replace(rejects_tmp, rejects_path)
+            config = dataclasses.asdict(cfg)
+            config["shard"].update(format=fmt, workers=None)  # the worker count never changes the output
+            config["shards"] = ""
+            writer.finalize(sources=sources, rejected=dict(sorted(by_reason.items())), config=config)
+    except (DiskFullError, OSError) as exc:
+        if isinstance(exc, OSError) and not is_out_of_space(exc):
+            raise
+        if isinstance(exc, OSError):  # only rejects.csv is written here other than through the writer
+            exc = from_os_error(exc, rejects_tmp).with_estimate(None, None)
+        written = (exc.written or 0) + (rejects_tmp.stat().st_size if rejects_tmp.exists() else 0)
+        rejects_tmp.unlink(missing_ok=True)
+        k, done, total = position
+        fraction = (sum(chunk_bytes[:k]) + chunk_bytes[k] * done / max(total, 1)) / max(sum(chunk_bytes), 1) \
+            if chunk_bytes else 1.0
+        # The shards grow in step with the chunks they are read from: what they took for the chunks
+        # read so far, scaled to all of them, is what the whole set takes.
+        if 0 < fraction < 1 and written:
+            needed, at_least = round(written / fraction) - written, False
+        else:
+            # Stopped once every record was handed over (closing a shard): the records themselves,
+            # as the chunks hold them, are the least the set takes; headers and pages come on top.
+            needed, at_least = max(sum(chunk_bytes) - written, 0) or None, True
+        raise exc.with_estimate(written, needed, at_least=at_least, advice=RESUME_ADVICE) from None
     accepted = sum(by_split.values())
     return BuildSummary(
         read=read, accepted=accepted, rejected=read - accepted,
@@ -395,8 +456,18 @@ def assemble(
 # ---------------------------------------------------------------------------------------------
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    try:
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if not is_out_of_space(exc):
+            raise
+        raise from_os_error(exc, path) from None
     os.replace(tmp, path)
+
+
+def _bytes_in(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
 
 
 def _load_state(build_dir: Path) -> dict | None:

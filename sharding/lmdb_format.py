@@ -11,12 +11,15 @@ file is used: one writer owns the temporary file, readers open read-only without
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lmdb
 
+from xtalgen.diskspace import NO_SPACE_ERRNOS, DiskFullError
 from xtalgen.sharding.codec import ShardCorruptionError, record_key
 
 # Virtual address space only (the file grows with the data, it is not preallocated); fixed so the
@@ -69,18 +72,49 @@ class LmdbSplitWriter:
         self.count = 0
 
     def add(self, value: bytes) -> None:
-        if not self._txn.put(record_key(self.count).encode(), value, append=True):
-            raise RuntimeError(f"{self.tmp_path}: key {self.count} already present")
-        self.count += 1
-        if self.count % COMMIT_EVERY == 0:
-            self._txn.commit()
-            self._txn = self._env.begin(write=True)
+        try:
+            if not self._txn.put(record_key(self.count).encode(), value, append=True):
+                raise RuntimeError(f"{self.tmp_path}: key {self.count} already present")
+            self.count += 1
+            if self.count % COMMIT_EVERY == 0:
+                self._txn.commit()
+                self._txn = self._env.begin(write=True)
+        except lmdb.Error as exc:
+            raise _write_failure(exc, self.tmp_path) from None
 
     def close(self) -> Path:
-        self._txn.commit()
-        self._env.sync(True)
+        try:
+            self._txn.commit()
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            raise _write_failure(exc, self.tmp_path) from None
         self._env.close()
         return self.tmp_path
+
+    def abort(self) -> None:
+        """Drop the uncommitted records and remove the temporary file (after a failed write)."""
+        with contextlib.suppress(lmdb.Error):
+            self._txn.abort()
+        with contextlib.suppress(lmdb.Error):
+            self._env.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+# LMDB passes the C library's strerror through: these are its words for a full disk, a quota, a
+# file-size limit, and (EIO) a write cut short, which is how a full disk usually reaches it.
+_NO_SPACE_WORDS = tuple(os.strerror(e) for e in (*NO_SPACE_ERRNOS, errno.EIO))
+
+
+def _write_failure(exc: lmdb.Error, path: Path) -> Exception:
+    """The DiskFullError an LMDB write error stands for; any other LMDB error is returned as it is."""
+    text = str(exc)
+    if isinstance(exc, lmdb.MapFullError):
+        return DiskFullError(path, f"{text} (the LMDB map size, {MAP_SIZE >> 30} GiB, is used up)")
+    if not any(word in text for word in _NO_SPACE_WORDS):
+        return exc
+    if os.strerror(errno.EIO) in text:
+        text += " (LMDB's report of a write cut short: a full disk, a quota or a file-size limit)"
+    return DiskFullError(path, text)
 
 
 _KEY_LENGTH = len(record_key(0))

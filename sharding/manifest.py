@@ -152,7 +152,11 @@ def write_manifest(shard_dir: Path, manifest: dict) -> Path:
     """Write atomically: a crash leaves either the old manifest or the new one, never half of one."""
     path = shard_dir / MANIFEST_NAME
     tmp = shard_dir / f"{MANIFEST_NAME}.tmp"
-    tmp.write_bytes(dumps(manifest))
+    try:
+        tmp.write_bytes(dumps(manifest))
+    except OSError:  # a full disk: leave no half-written manifest behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 

@@ -9,10 +9,12 @@ sequentially by `iter_tar_shard` (see there why by hand); no pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from xtalgen.diskspace import from_os_error, is_out_of_space
 from xtalgen.sharding.codec import ShardCorruptionError, record_key
 
 SAMPLE_EXTENSION = "msgpack"
@@ -38,17 +40,43 @@ class WdsSplitWriter:
         self._in_shard = 0
 
     def add(self, value: bytes) -> None:
-        if self._tar is None:
-            self._open_next()
-        self._tar.write({"__key__": record_key(self.count), SAMPLE_EXTENSION: value})
-        self.count += 1
-        self._in_shard += 1
-        if self._in_shard == self.records_per_shard:
-            self._close_current()
+        with self._no_space_named():
+            if self._tar is None:
+                self._open_next()
+            self._tar.write({"__key__": record_key(self.count), SAMPLE_EXTENSION: value})
+            self.count += 1
+            self._in_shard += 1
+            if self._in_shard == self.records_per_shard:
+                self._close_current()
 
     def close(self) -> list[tuple[Path, str, int]]:
-        self._close_current()
+        with self._no_space_named():
+            self._close_current()
         return list(self._shards)
+
+    def abort(self) -> None:
+        """Close and remove every temporary shard (after a failed write)."""
+        if self._tar is not None:
+            # Close the tar stream before its file: a stream left open flushes its buffer when it is
+            # garbage-collected, into a closed file ("Exception ignored ... write to closed file").
+            # Both flushes fail again on a full disk; the stream counts as closed all the same.
+            with contextlib.suppress(OSError, ValueError):
+                self._tar.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._tar = None
+        for tmp, _, _ in self._shards:
+            tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _no_space_named(self):
+        """A full disk as DiskFullError naming the shard: an OSError from a file object names no file."""
+        try:
+            yield
+        except OSError as exc:
+            if not is_out_of_space(exc):
+                raise
+            raise from_os_error(exc, self._shards[-1][0] if self._shards else self.directory) from None
 
     def _open_next(self) -> None:
         name = shard_file_name(self.split, len(self._shards))

@@ -18,6 +18,12 @@ Layout of `out_dir`::
 Everything is written under `*.tmp` names and renamed by `finalize`, after the old manifest has
 been removed and before the new one is written; a crash at any point never leaves a set that
 looks complete but is not.
+
+The writer holds the directory's lock (`xtalgen.dirlock`) from construction to `finalize` or
+`abort`: a second writer into the same directory is refused before it touches anything, since the
+`*.tmp` names are the same for every build and each build clears the ones it finds. A full disk
+(`xtalgen.diskspace.DiskFullError`, naming the file) aborts the set: its temporary files are
+removed, so the space they held is free again and nothing half-written stays behind.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xtalgen.dirlock import DirectoryLock
+from xtalgen.diskspace import DiskFullError, from_os_error, is_out_of_space
 from xtalgen.record import CrystalRecord, encode_record
 from xtalgen.sharding.codec import seal
 from xtalgen.sharding.lmdb_format import LmdbSplitWriter
@@ -69,6 +77,7 @@ class ShardSetWriter:
         self.records_per_shard = records_per_shard
         self._format_dir = self.out_dir / FORMAT_DIRS[fmt]
         self._index_dir = self.out_dir / INDEX_DIR
+        self._lock = DirectoryLock(self.out_dir).acquire()  # before the stale *.tmp files are cleared
         for folder in (self._format_dir, self._index_dir):
             folder.mkdir(parents=True, exist_ok=True)
             for stale in folder.glob("*.tmp"):  # left by an interrupted earlier build
@@ -78,6 +87,13 @@ class ShardSetWriter:
         self._num_atoms: dict[str, array] = {}
         self._finalized = False
 
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._finalized:  # left by an error: no manifest, and nothing temporary stays behind
+            self.abort()
+
     def add(self, split: str, record: CrystalRecord) -> None:
         """Append `record` to `split`; its index there is the number of records added before it."""
         if self._finalized:
@@ -86,7 +102,10 @@ class ShardSetWriter:
             raise ValueError(f"record {record.id!r}: {record.num_atoms} atoms; shards hold at most "
                              f"{MAX_ATOMS_PER_RECORD} per structure")
         writer = self._writers.get(split) or self._open_split(split)
-        writer.add(seal(encode_record(record)))
+        try:
+            writer.add(seal(encode_record(record)))
+        except DiskFullError as exc:
+            raise self._stopped(exc) from None
         self._stats[split].add(record)
         self._num_atoms[split].append(record.num_atoms)
 
@@ -97,14 +116,36 @@ class ShardSetWriter:
         if self._finalized:
             raise RuntimeError("ShardSetWriter.finalize called twice")
         self._finalized = True
-        pending = self._close_all()  # (temporary path, final relative name, first index, records)
-        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        self._remove_stale_outputs({name for _, name, _, _ in pending})
-        for tmp, name, _, _ in pending:
-            os.replace(tmp, self.out_dir / name)
-        manifest = self._manifest(pending, sources or [], rejected or {}, config)
-        write_manifest(self.out_dir, manifest)
+        try:
+            try:
+                pending = self._close_all()  # (temporary path, final relative name, first index, records)
+            except DiskFullError as exc:
+                raise self._stopped(exc) from None
+            (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+            self._remove_stale_outputs({name for _, name, _, _ in pending})
+            for tmp, name, _, _ in pending:
+                os.replace(tmp, self.out_dir / name)
+            manifest = self._manifest(pending, sources or [], rejected or {}, config)
+            try:
+                write_manifest(self.out_dir, manifest)
+            except OSError as exc:
+                if not is_out_of_space(exc):
+                    raise
+                # The shards are in place but without a manifest the set is incomplete: a rerun builds it.
+                written = sum((self.out_dir / name).stat().st_size for _, name, _, _ in pending)
+                raise from_os_error(exc, self.out_dir / MANIFEST_NAME).with_estimate(written, None) from None
+        finally:
+            self._lock.release()
         return manifest
+
+    def abort(self) -> None:
+        """Stop without a manifest: close every shard, remove the temporary files, release the lock."""
+        self._finalized = True
+        for writer in self._writers.values():
+            writer.abort()
+        for path in self._index_dir.glob("*.npy.tmp"):
+            path.unlink(missing_ok=True)
+        self._lock.release()
 
     # --- internals ---------------------------------------------------------------------------------
     def _open_split(self, split: str) -> LmdbSplitWriter | WdsSplitWriter:
@@ -132,10 +173,22 @@ class ShardSetWriter:
                     pending.append((tmp, f"{fmt_dir}/{name}", first, count))
                     first += count
             index_tmp = self._index_dir / f"{split}.num_atoms.npy.tmp"
-            with open(index_tmp, "wb") as f:
-                np.save(f, np.frombuffer(self._num_atoms[split], dtype=np.uint16), allow_pickle=False)
+            try:
+                with open(index_tmp, "wb") as f:
+                    np.save(f, np.frombuffer(self._num_atoms[split], dtype=np.uint16), allow_pickle=False)
+            except OSError as exc:
+                if not is_out_of_space(exc):
+                    raise
+                raise from_os_error(exc, index_tmp) from None
             pending.append((index_tmp, num_atoms_index_name(split), 0, writer.count))
         return pending
+
+    def _stopped(self, exc: DiskFullError) -> DiskFullError:
+        """`exc` with what this set had written, after aborting it (which frees that space)."""
+        written = sum(p.stat().st_size for folder in (self._format_dir, self._index_dir)
+                      for p in folder.glob("*.tmp") if p.is_file())
+        self.abort()
+        return exc.with_estimate(written, exc.needed, exc.at_least)
 
     def _remove_stale_outputs(self, keep: set[str]) -> None:
         """Shards of an earlier build of this directory that the new set does not overwrite."""

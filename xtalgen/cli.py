@@ -61,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from xtalgen.dirlock import OutputInUseError
+    from xtalgen.diskspace import DiskFullError
     from xtalgen.schema import ConfigError
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, OutputInUseError, DiskFullError) as exc:
+        # Bad input, an output another run is writing, a full disk: one line, exit code 2, and the
+        # command has left nothing half-written (each raiser cleans up before raising).
         print(f"xtalgen: error: {exc}", file=sys.stderr)
         return 2
 
