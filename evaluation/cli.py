@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from xtalgen.dirlock import DirectoryLock
+
 EPILOG = """examples:
   xtalgen evaluate samples --reference shards/mp20 --out eval            # full SUN evaluation
   xtalgen evaluate samples.extxyz --out eval --no-relax                   # validity + uniqueness only
@@ -185,26 +187,27 @@ def run_evaluation(
         except (ValueError, OSError) as exc:
             raise InputError(f"--hull {hull}: {exc}") from None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume_settings(out, cfg, band)
-    rows, summary = evaluate_inputs(
-        items, reference, cfg.relax, cfg=cfg, log_path=out / "per_structure.jsonl", progress=progress,
-        hull=hull_file, allow_elements_only_hull=allow_elements_only_hull, volume_band=band,
-    )
-    summary["physical_volume_per_atom_band_source"] = band_source
-    summary["input"] = str(input_path)
-    summary["reference"] = str(reference) if reference else None
-    summary["hull"] = str(hull) if hull else None
-    if test_split:
-        summary["cdvae"] = _cdvae(items, test_split, dataset, comp_scaler, cfg, progress)
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    _write_csv(rows, out / "per_structure.csv", exclude={RELAXED_KEY})
-    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, sort_keys=True) + "\n")
-    if plots:
-        from xtalgen.evaluation.plots import write_plots
+    # One evaluation at a time per --out: two would append to the same per-structure log.
+    with DirectoryLock(out):  # creates out
+        _check_resume_settings(out, cfg, band)
+        rows, summary = evaluate_inputs(
+            items, reference, cfg.relax, cfg=cfg, log_path=out / "per_structure.jsonl", progress=progress,
+            hull=hull_file, allow_elements_only_hull=allow_elements_only_hull, volume_band=band,
+        )
+        summary["physical_volume_per_atom_band_source"] = band_source
+        summary["input"] = str(input_path)
+        summary["reference"] = str(reference) if reference else None
+        summary["hull"] = str(hull) if hull else None
+        if test_split:
+            summary["cdvae"] = _cdvae(items, test_split, dataset, comp_scaler, cfg, progress)
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        _write_csv(rows, out / "per_structure.csv", exclude={RELAXED_KEY})
+        (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, sort_keys=True) + "\n")
+        if plots:
+            from xtalgen.evaluation.plots import write_plots
 
-        summary["plots"] = [p.name for p in write_plots(rows, out, cfg.stability_threshold)]
-    return summary
+            summary["plots"] = [p.name for p in write_plots(rows, out, cfg.stability_threshold)]
+        return summary
 
 
 def _check_resume_settings(out: Path, cfg, band: tuple[float, float]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from xtalgen.dirlock import DirectoryLock
 from xtalgen.sampling.conditions import ConditionValue, condition_tensors, parse_conditions
 from xtalgen.sampling.plan import NUM_ATOMS_STREAM, SamplingPlan
 from xtalgen.sampling.writer import (
@@ -191,47 +192,53 @@ def sample_to_directory(
     merge_wait_s: float = 600.0,
     poll_s: float = 2.0,
 ) -> SamplingSummary:
-    """Make this rank's share of `cfg.num_samples` structures in `out_dir` (resuming), then merge."""
+    """Make this rank's share of `cfg.num_samples` structures in `out_dir` (resuming), then merge.
+
+    Each rank holds its own lock in `out_dir` while it writes (`xtalgen.dirlock`): a second
+    `xtalgen sample` of the same rank into the same folder would write the same part files, so it
+    is refused at once (OutputInUseError naming the holder); the ranks of one run never block
+    each other, and the merge reads only committed batches.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else default_device()
-    conditions = parse_conditions(cfg.conditions, model_cfg.conditions)
-    plan = SamplingPlan(cfg.num_samples, cfg.batch_size, cfg.seed)
-    check_or_write_request(out_dir, request_record(cfg, conditions, checkpoint), informational=("checkpoint",))
+    with DirectoryLock(out_dir, name=f".xtalgen-sample-rank{rank}.lock"):  # creates out_dir
+        device = torch.device(device) if device is not None else default_device()
+        conditions = parse_conditions(cfg.conditions, model_cfg.conditions)
+        plan = SamplingPlan(cfg.num_samples, cfg.batch_size, cfg.seed)
+        check_or_write_request(out_dir, request_record(cfg, conditions, checkpoint), informational=("checkpoint",))
 
-    writer = PartWriter(out_dir, plan, rank, world_size)
-    done = committed_batches(out_dir, plan)
-    mine = plan.batches_for_rank(rank, world_size)
-    todo = [b for b in mine if b not in done]
-    already = sum(len(plan.batch_indices(b)) for b in mine if b in done)
+        writer = PartWriter(out_dir, plan, rank, world_size)
+        done = committed_batches(out_dir, plan)
+        mine = plan.batches_for_rank(rank, world_size)
+        todo = [b for b in mine if b not in done]
+        already = sum(len(plan.batch_indices(b)) for b in mine if b in done)
 
-    model = model.to(device).eval()
-    band = physical_band(stats["mean_density"]) if stats.get("mean_density") else None
-    start = time.perf_counter()
-    made = unphysical = 0
-    bar = tqdm(total=sum(len(plan.batch_indices(b)) for b in todo), unit="structure",
-               desc=f"sampling (rank {rank}/{world_size})", disable=not progress, dynamic_ncols=True)
-    with bar:
-        for batch in todo:
-            structures = sample_batch_structures(model, model_cfg, stats, cfg, plan, batch, conditions, device)
-            rows = batch_rows(plan, batch, cfg, conditions, structures, band)
-            writer.write_batch(rows, structures)
-            made += len(structures)
-            unphysical += sum(not row.get("physical_cell", True) for row in rows)
-            bar.update(len(structures))
-            bar.set_postfix(unphysical=unphysical, refresh=False)
-    seconds = time.perf_counter() - start
-    if unphysical:
-        print(f"warning: {unphysical} of {made} sampled cells have a volume per atom outside "
-              f"{band[0]:.1f}-{band[1]:.1f} Å³ (the prior's {1 / stats['mean_density']:.1f} Å³/atom "
-              f"x/÷ {PHYSICAL_BAND_FACTOR:g}); they are flagged physical_cell=false in samples.jsonl",
-              file=sys.stderr)
+        model = model.to(device).eval()
+        band = physical_band(stats["mean_density"]) if stats.get("mean_density") else None
+        start = time.perf_counter()
+        made = unphysical = 0
+        bar = tqdm(total=sum(len(plan.batch_indices(b)) for b in todo), unit="structure",
+                   desc=f"sampling (rank {rank}/{world_size})", disable=not progress, dynamic_ncols=True)
+        with bar:
+            for batch in todo:
+                structures = sample_batch_structures(model, model_cfg, stats, cfg, plan, batch, conditions, device)
+                rows = batch_rows(plan, batch, cfg, conditions, structures, band)
+                writer.write_batch(rows, structures)
+                made += len(structures)
+                unphysical += sum(not row.get("physical_cell", True) for row in rows)
+                bar.update(len(structures))
+                bar.set_postfix(unphysical=unphysical, refresh=False)
+        seconds = time.perf_counter() - start
+        if unphysical:
+            print(f"warning: {unphysical} of {made} sampled cells have a volume per atom outside "
+                  f"{band[0]:.1f}-{band[1]:.1f} Å³ (the prior's {1 / stats['mean_density']:.1f} Å³/atom "
+                  f"x/÷ {PHYSICAL_BAND_FACTOR:g}); they are flagged physical_cell=false in samples.jsonl",
+                  file=sys.stderr)
 
-    merge = None
-    if rank == 0:
-        wait_for_all_batches(out_dir, plan, merge_wait_s, poll_s)
-        merge = merge_parts(out_dir, plan)
-    return SamplingSummary(out_dir, rank, world_size, made, already, seconds, merge, unphysical, band)
+        merge = None
+        if rank == 0:
+            wait_for_all_batches(out_dir, plan, merge_wait_s, poll_s)
+            merge = merge_parts(out_dir, plan)
+        return SamplingSummary(out_dir, rank, world_size, made, already, seconds, merge, unphysical, band)
 
 
 def wait_for_all_batches(out_dir: Path, plan: SamplingPlan, timeout_s: float, poll_s: float) -> bool:

@@ -53,11 +53,12 @@ def main(args: argparse.Namespace) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.config == "consolidate":
         return _consolidate(args)
+    from xtalgen.dirlock import OutputInUseError
     from xtalgen.schema import load_config
     from xtalgen.sharding.codec import ShardCorruptionError
     from xtalgen.train.build import build_trainer
-    from xtalgen.train.distributed import StoppedByPeer
-    from xtalgen.train.trainer import EXIT_CORRUPT_DATA, run_and_report
+    from xtalgen.train.distributed import StoppedByPeer, shutdown_distributed_at_exit
+    from xtalgen.train.trainer import EXIT_CORRUPT_DATA, EXIT_RUN_DIR_IN_USE, run_and_report
 
     overrides = list(args.rest)
     if args.debug:
@@ -66,14 +67,21 @@ def main(args: argparse.Namespace) -> int:
         overrides = overrides + DEBUG_OVERRIDES + [f"train.max_steps={steps}"]
     cfg = load_config([args.config], overrides)
     try:
-        return run_and_report(build_trainer(cfg))
+        code = run_and_report(build_trainer(cfg))
     except ShardCorruptionError as exc:
         # Raised on one rank only (`stop_together`), so this line is printed once per run.
         print(f"xtalgen: error: {exc}; `xtalgen shard verify {cfg.data.shards}` lists every damaged shard",
               file=sys.stderr, flush=True)
-        return EXIT_CORRUPT_DATA
-    except StoppedByPeer:  # the rank that met the damage says so; this one stops quietly
-        return EXIT_CORRUPT_DATA
+        code = EXIT_CORRUPT_DATA
+    except OutputInUseError as exc:  # raised on rank 0 only (`stop_together`)
+        print(f"xtalgen: error: {exc}", file=sys.stderr, flush=True)
+        code = EXIT_RUN_DIR_IN_USE
+    except StoppedByPeer:  # the rank that met the error says so; this one stops quietly (same exit code)
+        code = EXIT_CORRUPT_DATA
+    # Every path that gets here left its collectives together (a finished run, or `stop_together`);
+    # an unexpected exception skips this on purpose, since its peers may still wait in one.
+    shutdown_distributed_at_exit()
+    return code
 
 
 def _consolidate(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ the first host of the allocation (`scontrol show hostnames`). Backend: NCCL with
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -124,6 +125,31 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+_SHUTDOWN_AT_EXIT = False
+
+
+def shutdown_distributed_at_exit() -> None:
+    """Destroy the process group when this process exits (atexit), before the interpreter is torn down.
+
+    A process that exits with its gloo group alive can abort at interpreter shutdown ("terminate
+    called without an active exception", exit code -6 instead of its own): the group's worker
+    threads still hold tensors whose release needs the interpreter that is being torn down.
+    Destroying the group earlier, when the command returns, would break a process that runs
+    several commands (DeepSpeed caches its groups), hence atexit. Call it only where every rank is
+    known to have left its collectives (after `stop_together`, or at the end of a finished run):
+    destroying a group while a peer still waits in one can hang.
+    """
+    global _SHUTDOWN_AT_EXIT
+    if not _SHUTDOWN_AT_EXIT:
+        _SHUTDOWN_AT_EXIT = True
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class StoppedByPeer(RuntimeError):

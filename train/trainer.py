@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xtalgen.batch import CrystalBatch
+from xtalgen.dirlock import DirectoryLock, OutputInUseError
 from xtalgen.schema import Config, ConfigError, OptimConfig, save_config
 from xtalgen.sharding.codec import ShardCorruptionError
 from xtalgen.train import checkpoint as ckpt
@@ -54,6 +55,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprec
 
 EXIT_OK = 0
 EXIT_CORRUPT_DATA = 2  # a damaged shard: bad input, like a config error; rerunning will not help
+EXIT_RUN_DIR_IN_USE = 2  # another live run holds train.run_dir: bad input too, refused before any write
 EXIT_NONFINITE = 3  # too many non-finite losses: the run stopped, do not requeue blindly
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; requeue to continue
 
@@ -183,6 +185,7 @@ class Trainer:
         self._nan_injected = False
         self._previous_handlers: dict[int, Any] = {}
         self.metrics: MetricsLogger | None = None
+        self._run_lock: DirectoryLock | None = None
 
     # --- setup -------------------------------------------------------------------------------
     @staticmethod
@@ -220,6 +223,18 @@ class Trainer:
     def ema_weights(self):
         """Context manager: the module holds the EMA weights inside the block."""
         return self.ema.swapped_in()
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds the run directory's lock until `close`: a second run into the same directory
+        would interleave checkpoints and metrics with this one's, so it is refused at once
+        (OutputInUseError, raised on rank 0; every other rank stops with StoppedByPeer)."""
+        error = None
+        if self.is_main and self._run_lock is None:
+            try:
+                self._run_lock = DirectoryLock(self.run_dir).acquire()
+            except OutputInUseError as exc:
+                error = exc
+        stop_together(error)
 
     def _prepare_run_dir(self, resuming: bool) -> None:
         if self.is_main:
@@ -469,6 +484,7 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to `train.max_steps` (or a stop signal); return the summary (also summary.json)."""
+        self._lock_run_dir()
         resuming = ckpt.resolve_checkpoint(self.tc.resume, self.run_dir) is not None
         self._prepare_run_dir(resuming)
         self.metrics = MetricsLogger(
@@ -557,6 +573,9 @@ class Trainer:
         """Release DeepSpeed's engine (lets one process run several trainers, e.g. in tests)."""
         with contextlib.suppress(Exception):
             self.engine.destroy()
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -595,6 +614,6 @@ def run_and_report(trainer: Trainer) -> int:
 
 
 __all__ = [
-    "EXIT_CORRUPT_DATA", "EXIT_NONFINITE", "EXIT_OK", "EXIT_PREEMPTED", "LRSchedule", "LossForward",
+    "EXIT_CORRUPT_DATA", "EXIT_NONFINITE", "EXIT_RUN_DIR_IN_USE", "EXIT_OK", "EXIT_PREEMPTED", "LRSchedule", "LossForward",
     "NonFiniteLossError", "Trainer", "format_summary", "run_and_report",
 ]
