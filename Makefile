@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --timeout=3600
 
 test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -m gpu
+	XTALGEN_TRITON_COMPILED=1 $(BIN)/python -m pytest -q -m gpu
 
 # Import contracts are checked on a real (non-editable) install: the top-level folders only become
 # `xtalgen.*` subpackages there, which is also what `pip install .` gives users.

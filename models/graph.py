@@ -351,6 +351,30 @@ def message_passing_torch(node_feats: Tensor, edge_filter: Tensor, edge_index: T
 register_message_passing_backend("torch", message_passing_torch)
 
 
+def message_passing_triton(node_feats: Tensor, edge_filter: Tensor, edge_index: Tensor, num_nodes: int) -> Tensor:
+    """Fused Triton kernels (`xtalgen.models.triton_message_passing`), imported on first use:
+    importing Triton takes seconds, and CPU runs never need it. CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1 (the parity tests)."""
+    from xtalgen.models.triton_message_passing import message_passing_triton as fused
+
+    return fused(node_feats, edge_filter, edge_index, num_nodes)
+
+
+register_message_passing_backend("triton", message_passing_triton)
+
+
+def backend_unavailable_reason(backend: str) -> str | None:
+    """Why `backend` cannot run in this process (None if it can): checked once when a model is built,
+    so a CPU run asking for the GPU kernels stops with one clear line instead of a kernel error."""
+    if backend != "triton":
+        return None
+    try:
+        from xtalgen.models.triton_message_passing import unavailable_reason
+    except ImportError as exc:
+        return f"the triton backend needs Triton ({exc}); install xtalgen[gpu] or use model.score_net.backend=torch"
+    return unavailable_reason()
+
+
 def message_passing(
     node_feats: Tensor,
     edge_filter: Tensor,

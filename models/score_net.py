@@ -59,8 +59,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from xtalgen.models.conditioning import ConditionEmbedding
-from xtalgen.models.graph import available_backends, radius_graph_pbc
+from xtalgen.models.graph import available_backends, backend_unavailable_reason, radius_graph_pbc
 from xtalgen.models.layers import GaussianRBF, PaiNNLayer, TimeEmbedding, mlp
+from xtalgen.schema import ConfigError
 from xtalgen.schema.model import ConditionConfig, ScoreNetConfig
 
 NUM_ELEMENTS = 100
@@ -125,6 +126,8 @@ class ScoreNetwork(nn.Module):
             raise ValueError(
                 f"message-passing backend {cfg.backend!r} is not registered; available: {available_backends()}"
             )
+        if (reason := backend_unavailable_reason(cfg.backend)) is not None:
+            raise ConfigError(f"config key 'model.score_net.backend': {reason}")
         hidden, num_layers, num_rbf = arch["hidden"], arch["num_layers"], arch["num_rbf"]
         edge_hidden = arch["edge_hidden"]
         self.cfg = cfg

@@ -13,6 +13,11 @@ SHARED_DATA = Path(os.environ.get("XTALGEN_SHARED_DATA", REPO_ROOT.parent / "sha
 # Keep W&B off the network and out of the user's account in every test.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The Triton kernels run in Triton's interpreter on CPU (the parity tests of the fused backend).
+# Triton reads this once, when it is imported, so it is set before any test imports it; a GPU run
+# (`make test-gpu`) sets XTALGEN_TRITON_COMPILED=1 to run the compiled kernels instead.
+if os.environ.get("XTALGEN_TRITON_COMPILED", "") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def running_in_ci() -> bool:
