@@ -18,6 +18,7 @@ EPILOG = """examples:
   xtalgen sample model.pt --out fast --steps 200 sample.coord_snr=0.3     # dotted config overrides
   torchrun --nproc-per-node 4 -m xtalgen.cli sample model.pt --out big --num-samples 100000
   xtalgen sample --merge big                          # union of the rank parts, if a rank was lost
+  xtalgen sample model.pt --out big --rank 3 --world-size 8 --no-merge   # one array task; merge later
 
 CHECKPOINT is a model file (`xtalgen train consolidate`), a training run directory, its checkpoints/
 directory, the `latest` file in it, or one checkpoint directory: the EMA weights of that checkpoint
@@ -60,6 +61,9 @@ def register(subparsers) -> None:
     parser.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE or SLURM_NTASKS)")
     parser.add_argument("--merge-wait", type=float, default=600.0,
                         help="seconds rank 0 waits for the other ranks before merging (default 600)")
+    parser.add_argument("--no-merge", action="store_true",
+                        help="write this rank's part only; merge later with --merge DIR (Slurm array tasks, "
+                             "where rank 0 should not hold its allocation waiting for the others)")
     parser.add_argument("--merge", metavar="DIR", help="only merge the rank parts of DIR and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         device=torch.device(args.device) if args.device else None,
         progress=rank == 0 and not args.no_progress,  # one bar, not W interleaved ones
         merge_wait_s=args.merge_wait,
+        merge=not args.no_merge,
     )
     print(
         f"rank {rank}/{world_size}: sampled {summary.num_new} structures in {summary.seconds:.1f} s "
@@ -204,6 +209,11 @@ def _check_sample_config(cfg) -> None:
         value = getattr(cfg, key)
         if not math.isfinite(value) or not ok(value):
             raise ConfigError(f"config key 'sample.{key}': must be finite and {allowed}, got {value}")
+    from xtalgen.models.sampler import PREDICTORS
+
+    if cfg.predictor not in PREDICTORS:
+        raise ConfigError(f"config key 'sample.predictor': must be one of {', '.join(PREDICTORS)}, "
+                          f"got {cfg.predictor!r}")
 
 
 def _warn_if_guidance_is_unused(args: argparse.Namespace, cfg) -> None:

@@ -138,6 +138,7 @@ def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: Sam
             lattice_snr=cfg.lattice_snr,
             time_power=cfg.time_power,
             eta=cfg.eta,
+            predictor=cfg.predictor,
             guidance_scale=cfg.guidance_scale,
             conditions=cond,
             generator=plan.generator(batch, device=device),

@@ -15,6 +15,7 @@ from xtalgen.models.lattice_process import polar_symmetric
 from xtalgen.models.sampler import (
     SAMPLING_EPS_T,
     guided_prediction,
+    heun_step,
     predictor_step,
     sample,
     sample_num_atoms,
@@ -61,13 +62,16 @@ def test_unknown_condition_is_refused():
         _sample(tiny_model(conditions=[GAP]), 0, conditions={"hhi_score": 1000.0})
 
 
-@pytest.mark.parametrize("eta, time_power, corrector_steps", [(1.0, 1.0, 1), (0.0, 2.0, 0), (0.5, 3.0, 1)])
-def test_exact_denoiser_recovers_the_crystal(perov_record, eta, time_power, corrector_steps):
+@pytest.mark.parametrize("eta, time_power, corrector_steps, predictor", [
+    (1.0, 1.0, 1, "ancestral"), (0.0, 2.0, 0, "ancestral"), (0.5, 3.0, 1, "ancestral"),
+    (1.0, 1.0, 0, "heun"), (1.0, 2.0, 1, "heun"),
+])
+def test_exact_denoiser_recovers_the_crystal(perov_record, eta, time_power, corrector_steps, predictor):
     """With the exact score of a one-crystal data set every sample is that crystal, on any grid."""
     model = oracle_model(perov_record)
     num_atoms = torch.full((6,), perov_record.num_atoms)
     out = sample(model, num_atoms, num_steps=30, generator=torch.Generator().manual_seed(2), eta=eta,
-                 time_power=time_power, corrector_steps=corrector_steps)
+                 time_power=time_power, corrector_steps=corrector_steps, predictor=predictor)
     reference_lattice = polar_symmetric(torch.as_tensor(perov_record.lattice)[None])[0]
     assert torch.equal(out.atomic_numbers, torch.as_tensor(perov_record.atomic_numbers).repeat(6))
     frac_error = out.frac_coords - torch.as_tensor(perov_record.frac_coords).repeat(6, 1)
@@ -121,6 +125,45 @@ def test_ancestral_step_reproduces_the_forward_marginal(perov_record, eta):
     assert (x_s.lattice.var(0) / var - 1).abs().max() < 0.06
 
 
+def test_heun_step_follows_the_exact_probability_flow(perov_record):
+    """For a one-crystal data set the ODE solution is known: the noise that moved a state from the
+    crystal stays the same as sigma shrinks, x_s = x_0 + sigma_s / sigma_t (x_t - x_0), and the lattice
+    keeps its standardised deviation, L_s = m_s + std_s / std_t (L_t - m_t) with m the marginal mean.
+    Heun's step with the exact score must land there; it re-evaluates the score at t_next, so a
+    second evaluation at the wrong time or state would miss."""
+    model = oracle_model(perov_record)
+    generator = torch.Generator().manual_seed(5)
+    count, n0 = 16, perov_record.num_atoms
+    num_atoms = torch.full((count,), n0)
+    batch_index = torch.repeat_interleave(torch.arange(count), num_atoms)
+    x0_types = torch.as_tensor(perov_record.atomic_numbers).repeat(count)
+    x0_frac = torch.as_tensor(perov_record.frac_coords).repeat(count, 1)
+    x0_lattice = polar_symmetric(torch.as_tensor(perov_record.lattice)[None]).expand(count, 3, 3)
+    t = torch.full((count,), 0.35, dtype=torch.float64)  # sigma ~ 0.05: Gaussian on the torus to 1e-40
+    s = torch.full_like(t, 0.2)
+    sigma_t = model.coords.sigma(t[batch_index], num_atoms[batch_index])
+    x_t = NoisyCrystals(x0_types, model.coords.sample_marginal(x0_frac, sigma_t, generator),
+                        model.lattice.sample_marginal(x0_lattice, t, num_atoms, generator)[0], num_atoms, batch_index)
+    calls = []
+
+    def predict(state, time):
+        calls.append(time[0].item())
+        return model.predict(state, time)
+
+    x_s = heun_step(model, x_t, model.predict(x_t, t), t, s, False, generator, predict)
+    assert calls == [0.2]
+    sigma_s = model.coords.sigma(s[batch_index], num_atoms[batch_index])
+    moved = x_t.frac_coords - x0_frac
+    expected = x0_frac + (sigma_s / sigma_t)[:, None] * (moved - torch.round(moved))
+    error = x_s.frac_coords - expected
+    assert (error - torch.round(error)).abs().max() < 1e-10
+    mean_t = model.lattice.marginal_mean(x0_lattice, t, num_atoms)
+    mean_s = model.lattice.marginal_mean(x0_lattice, s, num_atoms)
+    ratio = (model.lattice.std(s, num_atoms) / model.lattice.std(t, num_atoms))[:, None, None]
+    assert (x_s.lattice - (mean_s + ratio * (x_t.lattice - mean_t))).abs().max() < 1e-10
+    assert torch.equal(x_s.atomic_numbers, x0_types)
+
+
 def test_time_grid_runs_from_one_to_eps_and_crowds_near_zero_with_power():
     uniform = time_grid(50)
     assert uniform == torch.linspace(1.0, SAMPLING_EPS_T, 50, dtype=torch.float64).tolist()
@@ -135,6 +178,8 @@ def test_time_grid_runs_from_one_to_eps_and_crowds_near_zero_with_power():
 def test_predictor_eta_out_of_range_is_refused():
     with pytest.raises(ValueError, match="eta must be in"):
         _sample(tiny_model(), 0, eta=1.5)
+    with pytest.raises(ValueError, match="predictor must be one of"):
+        _sample(tiny_model(), 0, predictor="euler")
 
 
 def test_guidance_combines_conditional_and_unconditional_outputs():
