@@ -192,13 +192,15 @@ def sample_to_directory(
     progress: bool = True,
     merge_wait_s: float = 600.0,
     poll_s: float = 2.0,
+    merge: bool = True,
 ) -> SamplingSummary:
     """Make this rank's share of `cfg.num_samples` structures in `out_dir` (resuming), then merge.
 
     Each rank holds its own lock in `out_dir` while it writes (`xtalgen.dirlock`): a second
     `xtalgen sample` of the same rank into the same folder would write the same part files, so it
     is refused at once (OutputInUseError naming the holder); the ranks of one run never block
-    each other, and the merge reads only committed batches.
+    each other, and the merge reads only committed batches. `merge=False` leaves the merge to a
+    later `merge_parts` (a separate job after a Slurm array), so rank 0 does not wait.
     """
     out_dir = Path(out_dir)
     with DirectoryLock(out_dir, name=f".xtalgen-sample-rank{rank}.lock"):  # creates out_dir
@@ -235,11 +237,11 @@ def sample_to_directory(
                   f"x/÷ {PHYSICAL_BAND_FACTOR:g}); they are flagged physical_cell=false in samples.jsonl",
                   file=sys.stderr)
 
-        merge = None
-        if rank == 0:
+        report = None
+        if rank == 0 and merge:
             wait_for_all_batches(out_dir, plan, merge_wait_s, poll_s)
-            merge = merge_parts(out_dir, plan)
-        return SamplingSummary(out_dir, rank, world_size, made, already, seconds, merge, unphysical, band)
+            report = merge_parts(out_dir, plan)
+        return SamplingSummary(out_dir, rank, world_size, made, already, seconds, report, unphysical, band)
 
 
 def wait_for_all_batches(out_dir: Path, plan: SamplingPlan, timeout_s: float, poll_s: float) -> bool:
