@@ -21,6 +21,12 @@
    hundred bytes) so that re-running a finished build returns at once instead of redoing it.
 
 Same input -> byte-identical shards, manifest and rejects for any worker count.
+
+Steps 2 and 3 can also run as separate processes, on separate machines sharing OUT (a Slurm array,
+`slurm/shard_array.sbatch`): `part=(i, n)` processes only the chunks k with k % n == i and stops
+before assembly; `assemble_only=True` then assembles once every chunk is on disk, and names the
+missing chunks and their parts otherwise. The chunk files are the same whoever writes them, so
+the result is byte-identical to a single-process build, and a failed part is rerun alone.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import msgpack
 from xtalgen.datasets.properties import property_columns
 from xtalgen.datasets.readers import BUILTIN_PREFIX, RawItem, expand_inputs, iter_raw_items
 from xtalgen.datasets.validation import Rejection, parse_and_validate
-from xtalgen.dirlock import DirectoryLock
+from xtalgen.dirlock import LOCK_NAME, DirectoryLock
 from xtalgen.diskspace import DiskFullError, from_os_error, is_out_of_space
 from xtalgen.record import CrystalRecord, decode_record, encode_record
 from xtalgen.schema import ConfigError
@@ -86,6 +92,24 @@ class BuildSummary:
                 f"  shards: {self.out_dir}  manifest: {self.manifest_path}  rejects: {self.rejects_path}")
 
 
+@dataclass
+class PartSummary:
+    """What one `part=(i, n)` process did: its chunks of the `num_chunks` the input holds."""
+    part: int
+    parts: int
+    chunks: int  # chunks of this part (done now or found done)
+    skipped: int  # of those, already on disk from an earlier run
+    num_chunks: int
+    out_dir: Path
+    assembled: bool = False  # OUT already holds the finished set of these inputs: nothing to do
+
+    def describe(self) -> str:
+        if self.assembled:
+            return f"part {self.part} of {self.parts}: {self.out_dir} is already built from these inputs and config"
+        return (f"part {self.part} of {self.parts}: {self.chunks} of {self.num_chunks} chunks "
+                f"({self.skipped} already done) in {self.out_dir / BUILD_DIR}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +122,14 @@ def build_shards(
     workers: int | None = None,
     progress: bool = True,
     restart: bool = False,
-) -> BuildSummary:
-    """Read, validate and shard `inputs` into `out_dir`; see the module docstring."""
+    part: tuple[int, int] | None = None,
+    assemble_only: bool = False,
+) -> BuildSummary | PartSummary:
+    """Read, validate and shard `inputs` into `out_dir`; see the module docstring.
+
+    `part=(i, n)`: only chunks k % n == i, no assembly (returns a PartSummary). `assemble_only`:
+    assemble chunks that parts wrote, refusing if any is missing.
+    """
     from xtalgen.sharding import FORMATS
 
     fmt = fmt or cfg.shard.format
@@ -116,15 +146,20 @@ def build_shards(
     if cfg.shard.chunk_size < 1:
         raise ConfigError("config key 'data.shard.chunk_size': must be >= 1")
 
+    _check_part_options(part, assemble_only, restart)
     _check_inputs_exist(inputs)
 
     out_dir = Path(out_dir)
     # Held for the whole build, before anything is read or written: a second build into OUT would
-    # use the same temporary names and clear this one's (OutputInUseError names the holder).
-    with DirectoryLock(out_dir):
+    # use the same temporary names and clear this one's (OutputInUseError names the holder). The
+    # parts of an array share OUT, so each locks only against a second copy of itself.
+    lock_name = f".xtalgen-build-part{part[0]}.lock" if part else LOCK_NAME
+    with DirectoryLock(out_dir, name=lock_name):
         try:
+            if part:
+                return _build_part(inputs, out_dir, cfg, part, workers=workers, progress=progress)
             return _build_locked(inputs, out_dir, cfg, fmt=fmt, workers=workers, progress=progress,
-                                 restart=restart)
+                                 restart=restart, assemble_only=assemble_only)
         except OSError as exc:  # a full disk anywhere else (the build state, rejects.csv): one line
             if not is_out_of_space(exc):
                 raise
@@ -132,7 +167,7 @@ def build_shards(
 
 
 def _build_locked(inputs: Sequence[str], out_dir: Path, cfg: DataConfig, *, fmt: str, workers: int,
-                  progress: bool, restart: bool) -> BuildSummary:
+                  progress: bool, restart: bool, assemble_only: bool = False) -> BuildSummary:
     build_dir = out_dir / BUILD_DIR
     inputs = _input_files(inputs, out_dir)
     sources = source_fingerprints(inputs, progress=progress)
@@ -155,6 +190,10 @@ def _build_locked(inputs: Sequence[str], out_dir: Path, cfg: DataConfig, *, fmt:
         elif finished and state.get("assembly") == assembly and (out_dir / "manifest.json").exists():
             _log(progress, f"{out_dir} is up to date with these inputs and config (restart=True rebuilds)")
             return _summary_from_dict(finished)
+    if assemble_only:
+        num_chunks = _check_all_chunks_done(inputs, build_dir, cfg, state, fingerprint)
+        return _assemble_and_record(build_dir, num_chunks, out_dir, cfg, fmt=fmt, sources=sources,
+                                    fingerprint=fingerprint, assembly=assembly, progress=progress)
     build_dir.mkdir(parents=True, exist_ok=True)
     for stale in build_dir.glob("*.tmp"):  # half-written chunk of a killed build
         stale.unlink()
@@ -167,12 +206,103 @@ def _build_locked(inputs: Sequence[str], out_dir: Path, cfg: DataConfig, *, fmt:
         # the same records as the chunks, so they need at least about what the chunks took so far.
         written = _bytes_in(build_dir, "chunk-*.msgpack") or None  # none yet: nothing to estimate from
         raise exc.with_estimate(written, written, at_least=True, advice=RESUME_ADVICE) from None
+    return _assemble_and_record(build_dir, num_chunks, out_dir, cfg, fmt=fmt, sources=sources,
+                                fingerprint=fingerprint, assembly=assembly, progress=progress)
+
+
+def _assemble_and_record(build_dir: Path, num_chunks: int, out_dir: Path, cfg: DataConfig, *, fmt: str,
+                         sources: list[dict], fingerprint: str, assembly: dict, progress: bool) -> BuildSummary:
     summary = assemble(build_dir, num_chunks, out_dir, cfg, fmt=fmt, sources=sources, progress=progress)
     _write_json(build_dir / STATE_NAME, {"fingerprint": fingerprint, "sources": sources,
                                          "assembly": assembly, "summary": summary.to_dict()})
-    for chunk in build_dir.glob("chunk-*.msgpack"):
-        chunk.unlink()
+    for leftover in [*build_dir.glob("chunk-*.msgpack"), *build_dir.glob("part*.json")]:
+        leftover.unlink()
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts: one slice of the chunks per process (Slurm array tasks), then one assembly
+# ---------------------------------------------------------------------------------------------
+PARTS_NAME = "parts.json"
+
+
+def _check_part_options(part: tuple[int, int] | None, assemble_only: bool, restart: bool) -> None:
+    if assemble_only and restart:
+        raise ConfigError("--assemble cannot be combined with --restart (it would discard the parts' chunks)")
+    if part is None:
+        return
+    index, count = part
+    if not 0 <= index < count:
+        raise ConfigError(f"--part {index}/{count}: the part must be in 0..{count - 1} (I/N, 0-based)")
+    if assemble_only or restart:
+        # --restart would delete chunk files that other parts are writing at the same time.
+        raise ConfigError(f"--part cannot be combined with {'--assemble' if assemble_only else '--restart'}")
+
+
+def _build_part(inputs: Sequence[str], out_dir: Path, cfg: DataConfig, part: tuple[int, int], *,
+                workers: int, progress: bool) -> PartSummary:
+    """Process this part's chunks into OUT/.build; the parts run at the same time, so nothing here
+    may remove or rewrite what another part writes (no --restart, per-process temporary names)."""
+    build_dir = out_dir / BUILD_DIR
+    inputs = _input_files(inputs, out_dir)
+    sources = source_fingerprints(inputs, progress=progress)
+    fingerprint = build_fingerprint(sources, cfg)
+    state = _load_state(build_dir)
+    if state is not None and state.get("fingerprint") != fingerprint:
+        raise BuildStateError(f"{build_dir} holds a build of other inputs or another reader/validation config; "
+                              "parts never discard it: build into a new --out, or remove this one")
+    if state is not None and state.get("summary") and (out_dir / "manifest.json").exists():
+        return PartSummary(part[0], part[1], 0, 0, 0, out_dir, assembled=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _claim_part_count(build_dir, part[1])
+    for stale in build_dir.glob("chunk-*.tmp"):  # this part's half-written chunks of a killed run
+        if int(stale.name.split("-")[1].split(".")[0]) % part[1] == part[0]:
+            stale.unlink(missing_ok=True)
+    if state is None:
+        _write_json(build_dir / STATE_NAME, {"fingerprint": fingerprint, "sources": sources})
+    num_chunks, done, skipped = run_chunks(inputs, build_dir, cfg, workers=workers, progress=progress, part=part,
+                                           counts=True)
+    _write_json(build_dir / f"part-{part[0]}-of-{part[1]}.json", {"chunks": done, "num_chunks": num_chunks})
+    return PartSummary(part[0], part[1], len(done), skipped, num_chunks, out_dir)
+
+
+def _claim_part_count(build_dir: Path, count: int) -> None:
+    """Record N the first time a part runs; a part that says another N would own other chunks."""
+    path = build_dir / PARTS_NAME
+    try:
+        with open(path, "x") as handle:  # exclusive create: the first part of the array wins
+            handle.write(json.dumps({"parts": count}) + "\n")
+        return
+    except FileExistsError:
+        pass
+    try:
+        recorded = json.loads(path.read_text())["parts"]
+    except (ValueError, KeyError):  # a part that is writing it right now; the contents are the same
+        return
+    if recorded != count:
+        raise ConfigError(f"{build_dir} is split into {recorded} parts by an earlier task, not {count}; "
+                          f"rerun a part as --part I/{recorded}")
+
+
+def _check_all_chunks_done(inputs: Sequence[str], build_dir: Path, cfg: DataConfig, state: dict | None,
+                           fingerprint: str) -> int:
+    """The number of chunks, once each is on disk; otherwise a ConfigError naming the missing
+    chunks and the parts that owe them (read from parts.json)."""
+    if state is None or state.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{build_dir}: no part of a build of these inputs and this config has run; "
+                          "run the --part I/N tasks first (or build without --assemble)")
+    num_chunks = sum(1 for _ in iter_chunks(iter_raw_items(inputs, cfg.reader), cfg.shard.chunk_size))
+    missing = [k for k in range(num_chunks) if not chunk_path(build_dir, k).exists()]
+    if not missing:
+        return num_chunks
+    try:
+        count = json.loads((build_dir / PARTS_NAME).read_text())["parts"]
+        owners = " (" + ", ".join(f"part {i}/{count}" for i in sorted({k % count for k in missing})) + ")"
+    except (OSError, ValueError, KeyError):
+        owners = ""
+    shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+    raise ConfigError(f"{len(missing)} of {num_chunks} chunks are not built yet: {shown}{owners}; rerun those "
+                      "parts, or build without --assemble to make them here")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,17 +414,21 @@ def process_chunk(
     return len(items)
 
 
-def run_chunks(inputs: Sequence[str], build_dir: Path, cfg: DataConfig, *, workers: int, progress: bool) -> int:
-    """Process every chunk not already on disk; returns the number of chunks."""
+def run_chunks(inputs: Sequence[str], build_dir: Path, cfg: DataConfig, *, workers: int, progress: bool,
+               part: tuple[int, int] | None = None, counts: bool = False):
+    """Process every chunk not already on disk; returns the number of chunks.
+
+    With `part=(i, n)` only the chunks k % n == i (the stream is still read whole: chunk
+    boundaries come from it). With `counts`, returns (number of chunks, this part's chunks, skipped).
+    """
     from tqdm import tqdm
 
     stream = iter_raw_items(inputs, cfg.reader)
     bar = tqdm(desc="parse+validate", unit=" structures", disable=not progress, file=sys.stderr, smoothing=0.05)
-    num_chunks = 0
     skipped = 0
+    chunks = _Chunks(stream, cfg.shard.chunk_size, part)
     if workers <= 1:
-        for k, chunk in enumerate(iter_chunks(stream, cfg.shard.chunk_size)):
-            num_chunks = k + 1
+        for k, chunk in chunks:
             if chunk_path(build_dir, k).exists():
                 skipped += 1
             else:
@@ -304,8 +438,7 @@ def run_chunks(inputs: Sequence[str], build_dir: Path, cfg: DataConfig, *, worke
         context = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             pending: dict[futures.Future, int] = {}
-            for k, chunk in enumerate(iter_chunks(stream, cfg.shard.chunk_size)):
-                num_chunks = k + 1
+            for k, chunk in chunks:
                 if chunk_path(build_dir, k).exists():
                     skipped += 1
                     bar.update(len(chunk))
@@ -318,9 +451,26 @@ def run_chunks(inputs: Sequence[str], build_dir: Path, cfg: DataConfig, *, worke
             while pending:
                 bar.update(_collect(pending, futures.ALL_COMPLETED))
     bar.close()
+    num_chunks = chunks.total  # all of the input's chunks, also those of other parts
     if skipped:
-        _log(progress, f"resumed: {skipped} of {num_chunks} chunks were already done")
-    return num_chunks
+        _log(progress, f"resumed: {skipped} of {len(chunks.mine)} chunks were already done")
+    return (num_chunks, chunks.mine, skipped) if counts else num_chunks
+
+
+class _Chunks:
+    """(k, chunk) for every chunk of the stream, or only those k % n == i of `part=(i, n)`.
+    After iteration `total` is the number of chunks in the input and `mine` the ks yielded."""
+
+    def __init__(self, stream: Iterable, size: int, part: tuple[int, int] | None):
+        self.stream, self.size, self.part = stream, size, part
+        self.total, self.mine = 0, []
+
+    def __iter__(self) -> Iterator[tuple[int, list]]:
+        for k, chunk in enumerate(iter_chunks(self.stream, self.size)):
+            self.total = k + 1
+            if self.part is None or k % self.part[1] == self.part[0]:
+                self.mine.append(k)
+                yield k, chunk
 
 
 def _collect(pending: dict, mode) -> int:
@@ -455,7 +605,7 @@ def assemble(
 # Small helpers
 # ---------------------------------------------------------------------------------------------
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parts of an array write state.json at once
     try:
         tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     except OSError as exc:

@@ -34,6 +34,10 @@ BUILD_EPILOG = """examples:
 Overrides (key=value) apply to the `data` section of the config (`data.` may be omitted).
 Outputs: OUT/manifest.json, OUT/lmdb/ or OUT/wds/, OUT/index/, OUT/rejects.csv.
 A killed build resumes when the same command is run again.
+
+As an array job (one machine per part, OUT on a shared file system), then one assembly:
+  xtalgen shard build data/alex_mp_20 --out shards/alex --part 0/8     # ... --part 7/8
+  xtalgen shard build data/alex_mp_20 --out shards/alex --assemble     # same bytes as one process
 """
 
 
@@ -83,6 +87,12 @@ def _register_shard(subparsers) -> None:
     build.add_argument("--config", action="append", default=[], metavar="YAML",
                        help="config file or preset to merge (repeatable)")
     build.add_argument("--restart", action="store_true", help="discard an unfinished build in OUT and start over")
+    build.add_argument("--part", metavar="I/N", type=_part,
+                       help="build only part I of N (0-based) of the chunks, without the manifest: one task of an "
+                            "array job sharing OUT (slurm/shard_array.sbatch); then run with --assemble")
+    build.add_argument("--assemble", action="store_true",
+                       help="write the shards and manifest from the chunks the --part tasks built; names the "
+                            "missing chunks and their parts if any is not built")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)
 
@@ -150,7 +160,14 @@ def _build(args) -> int:
         return _fail("no INPUT given (only key=value overrides)")
     cfg = load_config(args.config, overrides).data
     summary = build_shards(inputs, args.out, cfg, fmt=args.format, workers=args.workers,
-                           progress=not args.quiet, restart=args.restart)
+                           progress=not args.quiet, restart=args.restart, part=args.part,
+                           assemble_only=args.assemble)
+    if args.part:
+        print(summary.describe())
+        if not summary.assembled:
+            print(f"next: once every part is done, the same command with --assemble instead of "
+                  f"--part {args.part[0]}/{args.part[1]}")
+        return 0
     print(f"read {summary.read} = accepted {summary.accepted} + rejected {summary.rejected}")
     for split, count in summary.by_split.items():
         print(f"  {split:<10}{count:>10}")
@@ -158,6 +175,14 @@ def _build(args) -> int:
         print(f"  rejected {reason:<22}{count:>8}")
     print(f"shards:   {summary.out_dir}\nmanifest: {summary.manifest_path}\nrejects:  {summary.rejects_path}")
     return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N); argparse turns the ValueError into its usage error (exit code 2)."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
 
 
 def _verify(args) -> int:
