@@ -40,6 +40,14 @@ checked as it is decoded, tar shards are checked (structure, count, sha256) as t
 LMDB split file is checked against its sha256 once when the loader is created
 (`verify_checksums`), because LMDB would crash rather than raise on a damaged page.
 
+WebDataset sets may also sit behind an `http(s)://` base URL or a `pipe:` command template
+(`xtalgen.sharding.remote`): the manifest and index are fetched once in the main process, and each
+stream opens its shards over the network instead of from disk. Nothing else changes: the plan is
+computed from the same manifest, so the rank/worker split, the batches and `state_dict()` are those
+of the same set on disk (a resumed stream skips whole shards without fetching them), and a shard
+that cannot be fetched raises `ShardUnavailableError` (a ShardCorruptionError) naming the URL or
+command.
+
 Batches hold at most `batch_size` structures and, when `max_atoms_per_batch > 0`, at most that many
 atoms; a structure larger than the budget on its own forms a batch alone (never dropped).
 Collation decodes straight into numpy (one join per field per batch, no per-atom Python).
@@ -58,11 +66,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from xtalgen.batch import CrystalBatch
 from xtalgen.record import MAX_ATOMIC_NUMBER
-from xtalgen.sharding import ShardCorruptionError, load_subset, open_shards
+from xtalgen.sharding import ShardCorruptionError, ShardUnavailableError, load_subset, open_shards
 from xtalgen.sharding.codec import check, record_key, unpack
 from xtalgen.sharding.manifest import file_sha256, has_value
 from xtalgen.sharding.reader import check_file_size
-from xtalgen.sharding.webdataset_format import iter_tar_shard
+from xtalgen.sharding.webdataset_format import iter_tar_entry
 
 STATE_VERSION = 1
 
@@ -129,12 +137,19 @@ def _keep_arrays(item):
 
 # DataLoader re-raises a worker's exception in the main process as a RuntimeError holding the
 # worker's traceback as text: ShardCorruptionError's type, shard and key would be lost. Workers
-# therefore hand damage back as an item, and `CrystalLoader.__iter__` raises it there.
+# therefore hand damage back as an item, and `CrystalLoader.__iter__` raises it there (the class by
+# name: a shard that could not be fetched stays a ShardUnavailableError).
 _DAMAGE = "shard_corruption"
+_DAMAGE_TYPES = {cls.__name__: cls for cls in (ShardCorruptionError, ShardUnavailableError)}
 
 
 def _damage_item(exc: ShardCorruptionError) -> dict:
-    return {_DAMAGE: (exc.shard, exc.detail, exc.key)}
+    return {_DAMAGE: (type(exc).__name__, exc.shard, exc.detail, exc.key)}
+
+
+def _raise_damage(item: dict) -> None:
+    kind, *fields = item[_DAMAGE]
+    raise _DAMAGE_TYPES.get(kind, ShardCorruptionError)(*fields)
 
 
 def _property_column(values: list, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -220,10 +235,11 @@ class _LmdbBatches(Dataset):
 
 
 class _WdsStreams(IterableDataset):
-    """Iterable: DataLoader worker i plays stream (i + rotation) % workers, from its `skip`-th item."""
+    """Iterable: DataLoader worker i plays stream (i + rotation) % workers, from its `skip`-th item.
+    `location`: where the tars are (a local directory, URL or pipe: template; `sharding.remote`)."""
 
-    def __init__(self, root: Path, plans: list[StreamPlan], position: int, window: int, property_names):
-        self.root, self.plans, self.position, self.window = root, plans, position, window
+    def __init__(self, location, plans: list[StreamPlan], position: int, window: int, property_names):
+        self.location, self.plans, self.position, self.window = location, plans, position, window
         self.property_names = tuple(property_names)
         self.length = max((p.num_batches for p in plans), default=0)  # items per stream, padded
 
@@ -238,7 +254,7 @@ class _WdsStreams(IterableDataset):
         skip = max(0, -(-(self.position - stream) // workers))
         plan = self.plans[stream]
         try:
-            yield from stream_batches(self.root, plan, skip, self.window, self.property_names)
+            yield from stream_batches(self.location, plan, skip, self.window, self.property_names)
         except ShardCorruptionError as exc:
             yield _damage_item(exc)
             return
@@ -246,7 +262,7 @@ class _WdsStreams(IterableDataset):
             yield None
 
 
-def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, property_names) -> Iterator[dict]:
+def stream_batches(location, plan: StreamPlan, skip: int, window: int, property_names) -> Iterator[dict]:
     """Batches `skip`, `skip + 1`, ... of one stream (as `decode_arrays` dicts), reading its tars
     sequentially.
 
@@ -258,7 +274,7 @@ def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, propert
         return
     start = int(plan.bounds[skip])
     first_window = start // window * window
-    values = _read_from(root, plan, first_window)
+    values = _read_from(location, plan, first_window)
     pending: dict[int, bytes] = {}
     ready_idx: list[int] = []
     ready_val: list[bytes] = []
@@ -291,8 +307,9 @@ def stream_batches(root: Path, plan: StreamPlan, skip: int, window: int, propert
         raise RuntimeError("stream holds more records than planned")
 
 
-def _read_from(root: Path, plan: StreamPlan, start: int) -> Iterator[tuple[int, bytes, str]]:
-    """(index, value, shard) of the stream's records from read position `start` onward."""
+def _read_from(location, plan: StreamPlan, start: int) -> Iterator[tuple[int, bytes, str]]:
+    """(index, value, shard) of the stream's records from read position `start` onward.
+    Shards wholly before `start` are never opened (nor fetched, for a remote set)."""
     for entry, wanted in zip(plan.shards, plan.shard_indices):
         if start >= len(wanted):
             start -= len(wanted)
@@ -300,13 +317,15 @@ def _read_from(root: Path, plan: StreamPlan, start: int) -> Iterator[tuple[int, 
         keep = set(wanted[start:].tolist()) if len(wanted) != entry["num_records"] or start else None
         last = int(wanted[-1])
         start = 0
-        records = iter_tar_shard(root / entry["file"], entry["file"], entry["first_index"],
-                                 entry["num_records"], entry["sha256"])
+        records = iter_tar_entry(location, entry)
         for index, value in records:
             if keep is None or index in keep:
                 yield index, value, entry["file"]
             if index == last and last != entry["first_index"] + entry["num_records"] - 1:
-                break  # a piece of the shard: the rest belongs to another stream
+                # A piece of the shard: the rest belongs to another stream. Closing now ends a
+                # download or a pipe: command at once rather than whenever the generator is freed.
+                records.close()
+                break
 
 
 # --- the loader --------------------------------------------------------------------------------------
@@ -404,7 +423,7 @@ class CrystalLoader:
         items = self._iter_lmdb() if self.shards.format == "lmdb" else self._iter_wds()
         for item in items:
             if item is not None and _DAMAGE in item:
-                raise ShardCorruptionError(*item[_DAMAGE])
+                _raise_damage(item)
             self.position += 1
             if item is not None:
                 yield to_batch(item)
@@ -439,6 +458,9 @@ class CrystalLoader:
     def _subset_indices(self, subset) -> np.ndarray | None:
         if subset is None:
             return None
+        if self.shards.remote:
+            raise ValueError(f"subset {subset!r}: subsets are read from a local shard directory, and "
+                             f"{self.shards.location} is remote")
         splits = load_subset(self.shards.path, subset)["splits"]
         if self.split not in splits:
             raise ValueError(f"subset {subset!r} has no indices for split {self.split!r} (has {', '.join(splits)})")
@@ -506,7 +528,7 @@ class CrystalLoader:
                                prefetch_factor=self.prefetch_factor, collate_fn=_keep_arrays))
 
     def _iter_wds(self) -> Iterator[dict | None]:
-        dataset = _WdsStreams(self.shards.path, self._plan(), self.position, self.window, self.property_names)
+        dataset = _WdsStreams(self.shards.location, self._plan(), self.position, self.window, self.property_names)
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,

@@ -168,8 +168,16 @@ def read_manifest(shard_dir: str | Path) -> dict:
             f"{path} not found: not a shard directory, or its build did not finish "
             "(build it with `xtalgen shard build`)"
         )
-    manifest = json.loads(path.read_text())
-    version = manifest.get("schema_version")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """A manifest from its bytes (however they were fetched); `where` names it in errors."""
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:  # an HTML error page from a server, a half-written file
+        raise ValueError(f"{where}: not a shard manifest ({exc})") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: manifest schema_version {version!r}, this xtalgen reads {SCHEMA_VERSION}")
+        raise ValueError(f"{where}: manifest schema_version {version!r}, this xtalgen reads {SCHEMA_VERSION}")
     return manifest

@@ -5,6 +5,7 @@
     shards.stats                      # prior statistics: num_atoms_histogram {n: count}, mean_density
     for record in shards.iter_records("train"): ...
     shards.get_records("val", [0, 5, 9])
+    open_shards("https://host/shards/mp20")   # WebDataset sets also stream from URLs and pipe: commands
 
 Every read checks what it reads: each value's crc32 (any altered byte), LMDB file sizes against
 the manifest (truncation), tar structure, keys, counts and sha256 per shard. Problems raise
@@ -13,6 +14,8 @@ the manifest (truncation), tar structure, keys, counts and sha256 per shard. Pro
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -21,22 +24,44 @@ import numpy as np
 from xtalgen.record import CrystalRecord
 from xtalgen.sharding.codec import ShardCorruptionError, record_key, unseal_record
 from xtalgen.sharding.lmdb_format import LmdbSplitReader
-from xtalgen.sharding.manifest import prior_stats, read_manifest
-from xtalgen.sharding.webdataset_format import iter_tar_shard
+from xtalgen.sharding.manifest import MANIFEST_NAME, manifest_hash, parse_manifest, prior_stats, read_manifest
+from xtalgen.sharding.remote import read_remote_file, shard_location
+from xtalgen.sharding.webdataset_format import iter_tar_entry
 
 
 class ShardSet:
-    """A built shard set: its manifest plus readers for each split (see module docstring)."""
+    """A built shard set: its manifest plus readers for each split (see module docstring).
+
+    `location`: where the files are (`xtalgen.sharding.remote`); `path` is the local directory, or
+    None for a set behind a URL or a `pipe:` command, which only WebDataset sets can be.
+    """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.name == "manifest.json":
-            self.path = self.path.parent
-        self.manifest: dict = read_manifest(self.path)
+        self.location = shard_location(path)
+        self.remote: bool = self.location.remote
+        self.path: Path | None = None if self.remote else self.location.path
+        self._manifest_sha256: str | None = None
+        if self.remote:
+            raw = self.location.read_bytes(MANIFEST_NAME)
+            self.manifest: dict = parse_manifest(raw, self.location.describe(MANIFEST_NAME))
+            self._manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        else:
+            self.manifest = read_manifest(self.path)
         self.format: str = self.manifest["format"]
+        if self.remote and self.format != "webdataset":
+            raise ValueError(
+                f"{self.location} holds {self.format} shards, which are read by random access from a local "
+                "file: only webdataset shards stream from a URL or a pipe: command (copy the set to a local "
+                "or shared file system, or build it with --format webdataset)"
+            )
         self._lmdb: dict[str, LmdbSplitReader] = {}
 
     # --- what the set holds ------------------------------------------------------------------------
+    @property
+    def manifest_sha256(self) -> str:
+        """sha256 of `manifest.json`: identifies the set (a remote one by the bytes fetched)."""
+        return self._manifest_sha256 or manifest_hash(self.path)
+
     @property
     def splits(self) -> list[str]:
         return sorted(self.manifest["splits"])
@@ -60,11 +85,14 @@ class ShardSet:
     def num_atoms(self, split: str) -> np.ndarray:
         """(num_records,) uint16 atoms per record, from the index written beside the shards."""
         entry = self._split(split)["num_atoms_index"]
-        path = self.path / entry["file"]
-        if not path.exists():
-            raise ShardCorruptionError(entry["file"], "index file is missing")
+        if self.remote:
+            source = io.BytesIO(read_remote_file(self.location, entry["file"], entry["sha256"]))
+        else:
+            source = self.path / entry["file"]
+            if not source.exists():
+                raise ShardCorruptionError(entry["file"], "index file is missing")
         try:
-            counts = np.load(path, allow_pickle=False)
+            counts = np.load(source, allow_pickle=False)
         except ValueError as exc:
             raise ShardCorruptionError(entry["file"], f"unreadable index: {exc}") from exc
         if counts.shape != (self.num_records(split),):
@@ -81,10 +109,7 @@ class ShardSet:
                 for key, value in self._lmdb_reader(split).iter_items():
                     yield int(key), value, entry["file"]
             else:
-                path = self.path / entry["file"]
-                for index, value in iter_tar_shard(
-                    path, entry["file"], entry["first_index"], entry["num_records"], entry["sha256"]
-                ):
+                for index, value in iter_tar_entry(self.location, entry):
                     yield index, value, entry["file"]
 
     def iter_records(self, split: str) -> Iterator[CrystalRecord]:
@@ -144,7 +169,7 @@ class ShardSet:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={self.num_records(s)}" for s in self.splits)
-        return f"ShardSet({str(self.path)!r}, format={self.format!r}, {counts})"
+        return f"ShardSet({str(self.location)!r}, format={self.format!r}, {counts})"
 
 
 def check_file_size(path: Path, entry: dict) -> None:

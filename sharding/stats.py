@@ -30,7 +30,7 @@ def shard_stats(shard_dir: str | Path, recompute: bool = False, progress: bool =
         else:
             splits[split] = shards.split_stats(split)
     return {
-        "path": str(shards.path),
+        "path": str(shards.location),
         "format": shards.format,
         "num_records": sum(s["num_records"] for s in splits.values()),
         "splits": splits,

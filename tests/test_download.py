@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import sys
-import threading
 import zipfile
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
 from pathlib import Path
 
 import pytest
+from http_files import start_file_server, stop_file_server
 
 from xtalgen.datasets.download import (
     DATASETS,
@@ -30,53 +29,11 @@ from xtalgen.schema import ReaderConfig
 csv.field_size_limit(sys.maxsize)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Serves `server.files` (name -> bytes) with Range support; `server.cut` names files whose
-    first full response is cut halfway (the connection drops after half of the bytes)."""
-
-    def do_GET(self):  # noqa: N802 (http.server API)
-        server = self.server
-        name = self.path.lstrip("/")
-        server.requests.append((name, self.headers.get("Range")))
-        if name not in server.files:
-            self.send_error(404)
-            return
-        data = server.files[name]
-        start = 0
-        if self.headers.get("Range"):
-            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if name in server.cut and start == 0:
-            server.cut.discard(name)
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.cut, httpd.requests = {}, set(), []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd = start_file_server()
     yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    stop_file_server(httpd)
 
 
 def _csv_bytes(src: Path, n: int) -> bytes:

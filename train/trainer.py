@@ -43,6 +43,7 @@ from xtalgen.batch import CrystalBatch
 from xtalgen.dirlock import DirectoryLock, OutputInUseError
 from xtalgen.schema import Config, ConfigError, OptimConfig, save_config
 from xtalgen.sharding.codec import ShardCorruptionError
+from xtalgen.sharding.remote import is_remote, shard_location
 from xtalgen.train import checkpoint as ckpt
 from xtalgen.train.deepspeed_config import build_deepspeed_config, validate_train_config
 from xtalgen.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, stop_together
@@ -254,15 +255,14 @@ class Trainer:
             return
         import deepspeed
 
-        manifest = Path(self.cfg.data.shards) / "manifest.json" if self.cfg.data.shards else None
+        manifest, manifest_hash = self._manifest_identity()
         info_path = self.run_dir / "run.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        manifest_hash = sha256_file(manifest) if manifest and manifest.exists() else None
         if info.get("manifest_hash") and manifest_hash and info["manifest_hash"] != manifest_hash:
             log.warning("the shards' manifest changed since this run started (%s): the data stream "
                         "will not match the interrupted run", manifest)
         info.update(
-            manifest_path=str(manifest) if manifest else None,
+            manifest_path=manifest,
             manifest_hash=manifest_hash,
             stats=self.stats,
             world_size=self.world_size,
@@ -276,6 +276,18 @@ class Trainer:
         )
         info.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    def _manifest_identity(self) -> tuple[str | None, str | None]:
+        """(where `manifest.json` is, its sha256) for run.json. A set behind a URL or a `pipe:`
+        command is identified by the manifest bytes its loader fetched (`Path` would mangle a URL)."""
+        shards = self.cfg.data.shards
+        if not shards:
+            return None, None
+        if is_remote(shards):
+            fetched = getattr(getattr(self.loader, "shards", None), "manifest_sha256", None)
+            return shard_location(shards).describe("manifest.json"), fetched
+        manifest = Path(shards) / "manifest.json"
+        return str(manifest), sha256_file(manifest) if manifest.exists() else None
 
     def _previous_wandb_id(self) -> str | None:
         info_path = self.run_dir / "run.json"
