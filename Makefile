@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow test-gpu lint bench clean
+.PHONY: install quickstart test test-slow test-gpu lint bench clean slurm-deps
 
 $(STAMP): pyproject.toml requirements/ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,8 @@ quickstart: $(STAMP)
 	$(BIN)/xtalgen quickstart
 
 ## The default test suite (CPU): lint, import contracts, then pytest without slow/gpu tests.
-test: $(STAMP) lint
+## slurm-deps first: tests/test_slurm.py submits the slurm/ recipes to a local one-node Slurm.
+test: $(STAMP) lint slurm-deps
 	$(BIN)/python -m pytest -q -x --timeout=900
 
 ## Long tests (benchmark-sized builds, multi-rank training) and GPU tests.
@@ -31,6 +32,20 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	XTALGEN_TRITON_COMPILED=1 $(BIN)/python -m pytest -q -m gpu
+
+## Debian's slurm-wlm and munge for the local Slurm of tests/test_slurm.py (slurm/local/start.sh).
+## Installed only when missing, and only as root with apt-get; otherwise it says why and goes on
+## (the Slurm tests then skip, or fail under CI=true).
+SLURM_TOOLS = slurmctld slurmd munged sbatch
+slurm-deps:
+	@missing=; for t in $(SLURM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then \
+		echo "slurm-deps: slurm-wlm and munge are installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; \
+	else \
+		echo "slurm-deps: missing$$missing, and not root with apt-get; the Slurm tests will not run" >&2; \
+	fi
 
 # Import contracts are checked on a real (non-editable) install: the top-level folders only become
 # `xtalgen.*` subpackages there, which is also what `pip install .` gives users.

@@ -6,11 +6,13 @@ exit code 2, having written nothing; a lock left by a killed process is taken ov
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -92,18 +94,39 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _wait_for_lock_holder(process: subprocess.Popen, lock: Path, timeout_s: float = 120.0) -> None:
+    """Until `process` holds `lock` (its pid is in the lock file's record)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the first build ended before it could be seen holding the lock"
+        try:
+            if json.loads(lock.read_text()).get("pid") == process.pid:
+                return
+        except (OSError, ValueError):  # not there yet, or being written
+            pass
+        time.sleep(0.005)
+    raise AssertionError("the first build never took the lock")
+
+
 @pytest.mark.parametrize("fmt", ["lmdb", "webdataset"])
 def test_two_builds_into_one_output_exactly_one_builds_and_it_verifies(perov_val, tmp_path, fmt):
-    data = _csv(perov_val, tmp_path / "perov.csv", 1500)  # several seconds of building: the two overlap
+    """Two real builds into one --out. The first is paused (SIGSTOP) once it holds the lock, so the
+    second surely starts while the first is mid-build, however loaded the machine; then it resumes."""
+    data = _csv(perov_val, tmp_path / "perov.csv", 1500)  # seconds of building: the first is caught holding it
     out = tmp_path / "out"
     build = ["shard", "build", str(data), "--out", str(out), "--format", fmt, "--workers", "1", "--quiet",
              "shard.split=train"]
-    first, second = _xtalgen(*build), _xtalgen(*build)
-    results = [(p, *p.communicate(timeout=600)) for p in (first, second)]
-    codes = sorted(p.returncode for p, _, _ in results)
-    assert codes == [0, 2], [(p.returncode, err[-2000:]) for p, _, err in results]
-    (winner, winner_out, _), (_, _, refused_err) = sorted(results, key=lambda r: r[0].returncode)
-    _refusal(refused_err, out, winner.pid)
+    first = _xtalgen(*build)
+    try:
+        _wait_for_lock_holder(first, out / LOCK_NAME)
+        first.send_signal(signal.SIGSTOP)
+        second = _xtalgen(*build)
+        _, refused_err = second.communicate(timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    winner_out, winner_err = first.communicate(timeout=600)
+    assert (first.returncode, second.returncode) == (0, 2), (winner_err[-2000:], refused_err[-2000:])
+    _refusal(refused_err, out, first.pid)
     assert "xtalgen shard build" in refused_err  # the holder's command, as its user typed it
     verify = _xtalgen("shard", "verify", str(out))
     assert verify.wait(timeout=300) == 0, verify.communicate()

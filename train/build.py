@@ -10,6 +10,7 @@ import torch
 
 from xtalgen.schema import Config, ConfigError
 from xtalgen.sharding.codec import ShardCorruptionError
+from xtalgen.sharding.remote import is_remote
 from xtalgen.train.distributed import init_distributed, stop_together
 from xtalgen.train.trainer import Trainer
 
@@ -25,10 +26,7 @@ def build_trainer(cfg: Config) -> Trainer:
     from xtalgen.datasets.loader import CrystalLoader
     from xtalgen.models.diffusion import build_model
 
-    if not cfg.data.shards:
-        raise ConfigError("config key 'data.shards': set it to a shard directory (see `xtalgen shard build`)")
-    if not (Path(cfg.data.shards) / "manifest.json").exists():
-        raise ConfigError(f"config key 'data.shards': {cfg.data.shards} has no manifest.json")
+    check_inputs(cfg)
     dist_info = init_distributed()
     # Every rank checks the same files here (an LMDB file's sha256, the atom-count index): agreeing
     # on the outcome gives one message for a damaged file, not one per rank.
@@ -50,6 +48,39 @@ def build_trainer(cfg: Config) -> Trainer:
     if cfg.train.sample_every > 0:
         attach_periodic_sampling(trainer, cfg)
     return trainer
+
+
+def check_inputs(cfg: Config) -> None:
+    """Refuse a run whose shards or resume checkpoint are missing, before any process group exists.
+
+    `xtalgen train ... --check` runs just this (and the config's own validation), so a batch
+    script can stop on a typo in one line before it starts its ranks, or a user can run it on a
+    login node before submitting. Raises `ConfigError` naming the key.
+    """
+    from xtalgen.train import checkpoint as ckpt
+
+    if not cfg.data.shards:
+        raise ConfigError("config key 'data.shards': set it to a shard directory (see `xtalgen shard build`)")
+    if is_remote(cfg.data.shards):
+        check_remote_shards(cfg.data.shards)
+    elif not (Path(cfg.data.shards) / "manifest.json").exists():
+        raise ConfigError(f"config key 'data.shards': {cfg.data.shards} has no manifest.json")
+    try:  # `auto` with no checkpoint yet is a fresh start; a named checkpoint must exist
+        ckpt.resolve_checkpoint(cfg.train.resume, Path(cfg.train.run_dir))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_remote_shards(location: str) -> None:
+    """A URL or `pipe:` shard set: fetch its manifest now, so that a 404, a failing command, a
+    remote LMDB set or a bad template is one line naming the key before any rank starts (each rank
+    fetches the manifest again when its loader opens the set; it is small)."""
+    from xtalgen.sharding.reader import open_shards
+
+    try:
+        open_shards(location)
+    except (ShardCorruptionError, ValueError) as exc:  # ShardUnavailableError is one of the former
+        raise ConfigError(f"config key 'data.shards': {exc}") from None
 
 
 def attach_periodic_sampling(trainer: Trainer, cfg: Config) -> None:

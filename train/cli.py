@@ -16,6 +16,7 @@ EPILOG = """examples:
   torchrun --nproc_per_node 8 $(which xtalgen) train base data.shards=shards/alex train.run_dir=runs/base
   xtalgen train base data.shards=shards/alex train.run_dir=runs/base train.resume=auto   # continue
   xtalgen train consolidate runs/base --out base.pt          # EMA weights -> one model file
+  xtalgen train base data.shards=shards/alex --check         # validate config and inputs only
 
 exit codes: 0 done, 2 config error or a damaged shard (one line names the shard and key),
 3 stopped on non-finite losses, 75 preempted (checkpoint written on SIGTERM/SIGUSR1; run again
@@ -41,6 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("rest", nargs="*", metavar="k=v", help="config overrides (dotted keys)")
     parser.add_argument("--debug", action="store_true",
                         help=f"tiny preset, at most {DEBUG_MAX_STEPS} steps, anomaly detection, per-step output")
+    parser.add_argument("--check", action="store_true",
+                        help="only validate the config, the shards and train.resume, then exit (0 if good, 2 if not)")
     parser.add_argument("--out", help="consolidate: output model file")
     parser.add_argument("--raw", action="store_true", help="consolidate: raw weights instead of the EMA")
     # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead.
@@ -66,12 +69,13 @@ def main(args: argparse.Namespace) -> int:
         steps = min(cfg.train.max_steps, DEBUG_MAX_STEPS)
         overrides = overrides + DEBUG_OVERRIDES + [f"train.max_steps={steps}"]
     cfg = load_config([args.config], overrides)
+    if args.check:
+        return _check(cfg)
     try:
         code = run_and_report(build_trainer(cfg))
     except ShardCorruptionError as exc:
         # Raised on one rank only (`stop_together`), so this line is printed once per run.
-        print(f"xtalgen: error: {exc}; `xtalgen shard verify {cfg.data.shards}` lists every damaged shard",
-              file=sys.stderr, flush=True)
+        print(f"xtalgen: error: {exc}{_damage_hint(exc, cfg.data.shards)}", file=sys.stderr, flush=True)
         code = EXIT_CORRUPT_DATA
     except OutputInUseError as exc:  # raised on rank 0 only (`stop_together`)
         print(f"xtalgen: error: {exc}", file=sys.stderr, flush=True)
@@ -82,6 +86,27 @@ def main(args: argparse.Namespace) -> int:
     # an unexpected exception skips this on purpose, since its peers may still wait in one.
     shutdown_distributed_at_exit()
     return code
+
+
+def _damage_hint(exc, shards: str) -> str:
+    """What to run next. A shard that could not be fetched (404, failing pipe: command) is not
+    damage, and `shard verify` reads a local directory: a remote set is verified where it was built."""
+    from xtalgen.sharding import ShardUnavailableError, is_remote
+
+    if isinstance(exc, ShardUnavailableError):
+        return ""
+    where = "the shard directory it was copied from" if is_remote(shards) else shards
+    return f"; `xtalgen shard verify {where}` lists every damaged shard"
+
+
+def _check(cfg) -> int:
+    """`--check`: what a run would refuse at start-up, without starting one (no DeepSpeed, no ranks)."""
+    from xtalgen.train.build import check_inputs
+
+    check_inputs(cfg)  # raises ConfigError: one line, exit code 2 (xtalgen.cli)
+    resume = cfg.train.resume if cfg.train.resume not in ("", "none") else "no"
+    print(f"ok: config, shards {cfg.data.shards}, run dir {cfg.train.run_dir} (resume: {resume})")
+    return 0
 
 
 def _consolidate(args: argparse.Namespace) -> int:
