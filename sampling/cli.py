@@ -15,7 +15,7 @@ EPILOG = """examples:
   xtalgen sample runs/mp20/checkpoints/latest --out samples   # EMA weights of a run's latest checkpoint
   xtalgen sample runs/mp20 --out gap3 --condition dft_band_gap=3.0 --guidance 2.0
   xtalgen sample model.pt --out licoo --condition chemical_system=Li-Co-O --num-atoms 12
-  xtalgen sample model.pt --out fast --steps 200 sample.coord_snr=0.3     # dotted config overrides
+  xtalgen sample model.pt --out fast --steps 50 sample.coord_snr=0.8 sample.time_power=2   # few steps
   torchrun --nproc-per-node 4 -m xtalgen.cli sample model.pt --out big --num-samples 100000
   xtalgen sample --merge big                          # union of the rank parts, if a rank was lost
   xtalgen sample model.pt --out big --rank 3 --world-size 8 --no-merge   # one array task; merge later

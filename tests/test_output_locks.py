@@ -82,11 +82,12 @@ def _refusal(stderr: str, directory: Path, pid: int) -> None:
     assert lines[0].startswith(f"xtalgen: error: {directory} is in use by pid {pid} on {socket.gethostname()}"), stderr
 
 
-def _csv(src: Path, dst: Path, n: int) -> Path:
-    with open(src, newline="") as f_in, open(dst, "w", newline="") as f_out:
-        writer = csv.writer(f_out)
-        for row in islice(csv.reader(f_in), n + 1):
-            writer.writerow(row)
+def _csv(src: Path, dst: Path, n: int, copies: int = 1) -> Path:
+    """The first n rows of src, `copies` times over (the repeats are rejected as duplicate ids)."""
+    with open(src, newline="") as f_in:
+        header, *rows = list(islice(csv.reader(f_in), n + 1))
+    with open(dst, "w", newline="") as f_out:
+        csv.writer(f_out).writerows([header, *rows * copies])
     return dst
 
 
@@ -112,7 +113,9 @@ def _wait_for_lock_holder(process: subprocess.Popen, lock: Path, timeout_s: floa
 def test_two_builds_into_one_output_exactly_one_builds_and_it_verifies(perov_val, tmp_path, fmt):
     """Two real builds into one --out. The first is paused (SIGSTOP) once it holds the lock, so the
     second surely starts while the first is mid-build, however loaded the machine; then it resumes."""
-    data = _csv(perov_val, tmp_path / "perov.csv", 1500)  # seconds of building: the first is caught holding it
+    # 12,000 rows (1,500 structures, each 8 times): seconds of holding the lock, so the first build is
+    # seen holding it even when this process is descheduled for a while on a loaded machine.
+    data = _csv(perov_val, tmp_path / "perov.csv", 1500, copies=8)
     out = tmp_path / "out"
     build = ["shard", "build", str(data), "--out", str(out), "--format", fmt, "--workers", "1", "--quiet",
              "shard.split=train"]
@@ -131,7 +134,7 @@ def test_two_builds_into_one_output_exactly_one_builds_and_it_verifies(perov_val
     verify = _xtalgen("shard", "verify", str(out))
     assert verify.wait(timeout=300) == 0, verify.communicate()
     accepted = int(winner_out.split(" = accepted ")[1].split()[0])
-    assert winner_out.startswith("read 1500 = ") and read_manifest(out)["num_records"] == accepted > 1400
+    assert winner_out.startswith("read 12000 = ") and read_manifest(out)["num_records"] == accepted > 1400
     assert not (out / LOCK_NAME).exists()  # released: a finished set carries nothing extra
 
 
