@@ -79,6 +79,17 @@ def test_exact_denoiser_recovers_the_crystal(perov_record, eta, time_power, corr
     assert (out.lattice - reference_lattice).abs().max() < 1e-8
 
 
+def _copies(record, count: int):
+    """`count` copies of one crystal as flat batch tensors: num_atoms (B,), batch_index (N,), types
+    (N,), fractional coordinates (N, 3), symmetric lattices (B, 3, 3)."""
+    num_atoms = torch.full((count,), record.num_atoms)
+    batch_index = torch.repeat_interleave(torch.arange(count), num_atoms)
+    types = torch.as_tensor(record.atomic_numbers).repeat(count)
+    frac = torch.as_tensor(record.frac_coords).repeat(count, 1)
+    lattice = polar_symmetric(torch.as_tensor(record.lattice)[None]).expand(count, 3, 3)
+    return num_atoms, batch_index, types, frac, lattice
+
+
 @pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
 def test_ancestral_step_reproduces_the_forward_marginal(perov_record, eta):
     """x_t ~ q(x_t | x_0) stepped with the exact score to s must be distributed as q(x_s | x_0):
@@ -86,11 +97,7 @@ def test_ancestral_step_reproduces_the_forward_marginal(perov_record, eta):
     model = oracle_model(perov_record)
     generator = torch.Generator().manual_seed(3)
     num_structures, n0 = 8000, perov_record.num_atoms
-    num_atoms = torch.full((num_structures,), n0)
-    batch_index = torch.repeat_interleave(torch.arange(num_structures), num_atoms)
-    x0_types = torch.as_tensor(perov_record.atomic_numbers).repeat(num_structures)
-    x0_frac = torch.as_tensor(perov_record.frac_coords).repeat(num_structures, 1)
-    x0_lattice = polar_symmetric(torch.as_tensor(perov_record.lattice)[None]).expand(num_structures, 3, 3)
+    num_atoms, batch_index, x0_types, x0_frac, x0_lattice = _copies(perov_record, num_structures)
 
     # sigma_t ~ 0.1: the posterior on the torus is Gaussian to exp(-0.5^2 / (2 sigma_t^2)) ~ 1e-6
     t_value, s_value = 0.45, 0.3
@@ -133,12 +140,8 @@ def test_heun_step_follows_the_exact_probability_flow(perov_record):
     second evaluation at the wrong time or state would miss."""
     model = oracle_model(perov_record)
     generator = torch.Generator().manual_seed(5)
-    count, n0 = 16, perov_record.num_atoms
-    num_atoms = torch.full((count,), n0)
-    batch_index = torch.repeat_interleave(torch.arange(count), num_atoms)
-    x0_types = torch.as_tensor(perov_record.atomic_numbers).repeat(count)
-    x0_frac = torch.as_tensor(perov_record.frac_coords).repeat(count, 1)
-    x0_lattice = polar_symmetric(torch.as_tensor(perov_record.lattice)[None]).expand(count, 3, 3)
+    count = 16
+    num_atoms, batch_index, x0_types, x0_frac, x0_lattice = _copies(perov_record, count)
     t = torch.full((count,), 0.35, dtype=torch.float64)  # sigma ~ 0.05: Gaussian on the torus to 1e-40
     s = torch.full_like(t, 0.2)
     sigma_t = model.coords.sigma(t[batch_index], num_atoms[batch_index])
