@@ -48,9 +48,10 @@ from pathlib import Path
 
 import msgpack
 
+from xtalgen.datasets.items import RawItem, Rejection
 from xtalgen.datasets.properties import property_columns
-from xtalgen.datasets.readers import BUILTIN_PREFIX, RawItem, expand_inputs, iter_raw_items
-from xtalgen.datasets.validation import Rejection, parse_and_validate
+from xtalgen.datasets.readers import BUILTIN_PREFIX, expand_inputs, iter_raw_items
+from xtalgen.datasets.validation import parse_and_validate
 from xtalgen.dirlock import LOCK_NAME, DirectoryLock
 from xtalgen.diskspace import DiskFullError, from_os_error, is_out_of_space
 from xtalgen.record import CrystalRecord, decode_record, encode_record

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from xtalgen.datasets.validation import Rejection
+from xtalgen.datasets.items import RawItem, Rejection
 from xtalgen.schema.data import ReaderConfig
 
 BUILTIN_SETS = ("aflow",)
@@ -52,9 +52,7 @@ def builtin_fingerprint(name: str) -> dict:
     return {"path": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def iter_builtin(name: str, cfg: ReaderConfig) -> Iterator:
-    from xtalgen.datasets.readers import RawItem
-
+def iter_builtin(name: str, cfg: ReaderConfig) -> Iterator[RawItem | Rejection]:
     dataset = name.split(":", 1)[1]
     if dataset not in BUILTIN_SETS:
         yield Rejection(id=name, source=name, reason="unreadable_file",

@@ -28,12 +28,14 @@ import os
 import sys
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from xtalgen.datasets.builtin import iter_builtin
+from xtalgen.datasets.items import RawItem, Rejection
 from xtalgen.datasets.properties import property_columns
-from xtalgen.datasets.validation import Rejection, printable
+from xtalgen.datasets.validation import printable
 from xtalgen.schema.data import ReaderConfig
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -48,17 +50,6 @@ BUILTIN_PREFIX = "builtin:"
 # CIF texts in a CSV cell can be long; the csv module's default 128 kB field limit is too small
 # for large cells.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-@dataclass(frozen=True)
-class RawItem:
-    source: str  # "path/to/file.csv:row 17", "x.zip:foo.cif", "builtin:aflow:12" (for reports)
-    index: int  # position in the global input order (0, 1, 2, ... across all inputs)
-    id: str | None  # record id if the input has one (CSV material_id, file stem, ...)
-    kind: str  # "cif" | "atoms_dict" | "extxyz"
-    payload: object  # CIF text, extxyz frame text, or a plain dict of arrays/lists
-    properties: dict = field(default_factory=dict)  # raw values of mapped property columns
-    split: str | None = None  # "train"/"val"/"test" when the input file is named so
 
 
 def split_from_name(path: str | Path) -> str | None:
@@ -98,8 +89,6 @@ def iter_raw_items(inputs: Sequence[str], cfg: ReaderConfig) -> Iterator[RawItem
 
 def _iter_one_input(name: str, cfg: ReaderConfig) -> Iterator[RawItem | Rejection]:
     if name.startswith(BUILTIN_PREFIX):
-        from xtalgen.datasets.builtin import iter_builtin
-
         yield from iter_builtin(name, cfg)
         return
     suffix = Path(name).suffix.lower()

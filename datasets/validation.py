@@ -21,26 +21,14 @@ import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xtalgen.datasets.canonical import canonicalize, derive_id
+from xtalgen.datasets.items import RawItem, Rejection
 from xtalgen.datasets.properties import PropertyError, convert_properties, derived_properties
 from xtalgen.record import CrystalRecord
 from xtalgen.schema.data import ReaderConfig, ValidationConfig
-
-if TYPE_CHECKING:
-    from xtalgen.datasets.readers import RawItem
-
-
-@dataclass(frozen=True)
-class Rejection:
-    id: str
-    source: str
-    reason: str  # a key of REASON_CODES
-    detail: str
-
 
 REASON_CODES: dict[str, str] = {
     "unparsable": "the input could not be parsed as a crystal structure",

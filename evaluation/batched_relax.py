@@ -25,6 +25,7 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from xtalgen.evaluation.physical import check_relaxation_volume, volume_per_atom
+from xtalgen.evaluation.relax_result import RelaxResult, relax_result
 
 
 class _Batcher:
@@ -127,8 +128,6 @@ def relax_batched(
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
     from chgnet.model.dynamics import TrajectoryObserver
-
-    from xtalgen.evaluation.relax import RelaxResult, relax_result
 
     todo: queue.Queue = queue.Queue()
     for position in range(len(structures)):

@@ -89,8 +89,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def default_device() -> torch.device:
+    """cuda:LOCAL_RANK (torchrun) or cuda:SLURM_LOCALID (srun) if CUDA is available, else cpu."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        from xtalgen.launcher import launch_env
+
+        return torch.device("cuda", launch_env(os.environ).local_rank)
     return torch.device("cpu")
 
 

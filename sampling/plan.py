@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xtalgen.launcher import launch_env
+
 # Independent random streams of one batch: the diffusion noise (on the model's device) and the draw of
 # atom counts from the histogram (always on CPU, so the counts do not depend on the device).
 NOISE_STREAM = 0
@@ -85,22 +87,15 @@ def batch_seed(base_seed: int, batch: int, stream: int = NOISE_STREAM) -> int:
 def rank_from_env(environ: dict[str, str] | None = None) -> tuple[int, int]:
     """(rank, world size) of this process among all samplers of one request.
 
-    Processes of one launch: torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID with
-    SLURM_STEP_NUM_TASKS, else SLURM_NTASKS); else (0, 1). Inside a Slurm job array each array element is one more block of such ranks, so element
+    Processes of one launch, as `xtalgen.launcher` reads them for training too: torchrun
+    (RANK/WORLD_SIZE) or srun (SLURM_PROCID with SLURM_STEP_NUM_TASKS, else SLURM_NTASKS); else
+    (0, 1). Inside a Slurm job array each array element is one more block of such ranks, so element
     k of K with W tasks each holds ranks k*W .. k*W + W-1 of K*W (elements are numbered by
     SLURM_ARRAY_TASK_MIN/STEP, so `--array=0-30:3` works too).
     """
     env = os.environ if environ is None else environ
-    rank, world = 0, 1
-    # SLURM_STEP_NUM_TASKS (the srun step's task count) before SLURM_NTASKS (the allocation's): a
-    # single process started in a `--ntasks=4` batch script is one rank, not rank 0 of 4.
-    pairs = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"), ("SLURM_PROCID", "SLURM_NTASKS"))
-    for rank_key, world_key in pairs:
-        if rank_key in env and world_key in env:
-            rank, world = int(env[rank_key]), int(env[world_key])
-            if not 0 <= rank < world:
-                raise ValueError(f"{rank_key}={rank} is outside 0..{world - 1} ({world_key}={world})")
-            break
+    launch = launch_env(env)
+    rank, world = launch.rank, launch.world_size
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
         element = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // step

@@ -16,8 +16,9 @@ from ase.db import connect
 from ase.io import write
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from xtalgen.datasets.readers import RawItem, iter_raw_items
-from xtalgen.datasets.validation import Rejection, parse_and_validate
+from xtalgen.datasets.items import RawItem, Rejection
+from xtalgen.datasets.readers import iter_raw_items
+from xtalgen.datasets.validation import parse_and_validate
 from xtalgen.record import CrystalRecord
 from xtalgen.schema import ReaderConfig, ValidationConfig
 

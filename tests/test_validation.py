@@ -15,6 +15,7 @@ from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.io.cif import CifParser
 
 from xtalgen.datasets.canonical import canonicalize, wrap_fractional
+from xtalgen.datasets.items import RawItem, Rejection
 from xtalgen.datasets.properties import (
     PropertyError,
     chemical_system,
@@ -22,8 +23,8 @@ from xtalgen.datasets.properties import (
     convert_value,
     hhi_score,
 )
-from xtalgen.datasets.readers import RawItem, iter_raw_items
-from xtalgen.datasets.validation import REASON_CODES, Rejection, parse_and_validate, parse_p1_cif
+from xtalgen.datasets.readers import iter_raw_items
+from xtalgen.datasets.validation import REASON_CODES, parse_and_validate, parse_p1_cif
 from xtalgen.record import CrystalRecord
 from xtalgen.schema import PropertyColumn, ReaderConfig, ValidationConfig
 

@@ -1,9 +1,10 @@
 """Process-group setup for every launcher: plain `python`, `torchrun`, the `deepspeed` launcher, `srun`.
 
-Rank and world size come from, in order: the torch launcher variables (RANK/WORLD_SIZE/LOCAL_RANK,
-set by torchrun and the deepspeed launcher), then Slurm's (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID,
-one task per process under `srun`), then a single process. The rendezvous address under Slurm is
-the first host of the allocation (`scontrol show hostnames`). Backend: NCCL with CUDA, gloo on CPU.
+Rank, world size and local rank come from `xtalgen.launcher` (shared with sampling): the torch
+launcher variables (RANK/WORLD_SIZE/LOCAL_RANK, set by torchrun and the deepspeed launcher), then
+Slurm's (SLURM_PROCID, SLURM_STEP_NUM_TASKS or else SLURM_NTASKS, SLURM_LOCALID: one task per
+process under `srun`), then a single process. The rendezvous address under Slurm is the first host
+of the allocation (`scontrol show hostnames`). Backend: NCCL with CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from xtalgen.launcher import SLURM, TORCHRUN, launch_env
 
 DEFAULT_PORT = 29500
 
@@ -56,33 +59,22 @@ def _slurm_master_addr(env: dict[str, str]) -> str:
 def launcher_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     """The MASTER_ADDR/MASTER_PORT/RANK/LOCAL_RANK/WORLD_SIZE this process should use."""
     env = dict(os.environ if env is None else env)
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or a user's own setup
-        resolved = {
-            "RANK": env["RANK"],
-            "WORLD_SIZE": env["WORLD_SIZE"],
-            "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-            "MASTER_PORT": env.get("MASTER_PORT", str(DEFAULT_PORT)),
-        }
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per process
+    launch = launch_env(env)
+    if launch.launcher == SLURM:  # srun, one task per process
         job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-        resolved = {
-            "RANK": env["SLURM_PROCID"],
-            "WORLD_SIZE": env["SLURM_NTASKS"],
-            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR") or _slurm_master_addr(env),
-            # A port derived from the job id lets two jobs share a node without colliding.
-            "MASTER_PORT": env.get("MASTER_PORT") or str(DEFAULT_PORT + job_id % 10000),
-        }
-    else:  # one process
-        resolved = {
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port()),
-        }
-    return resolved
+        master_addr = env.get("MASTER_ADDR") or _slurm_master_addr(env)
+        # A port derived from the job id lets two jobs share a node without colliding.
+        master_port = env.get("MASTER_PORT") or str(DEFAULT_PORT + job_id % 10000)
+    else:  # torchrun and the deepspeed launcher export MASTER_*; one process takes any free port
+        master_addr = env.get("MASTER_ADDR", "127.0.0.1")
+        master_port = env.get("MASTER_PORT") or str(DEFAULT_PORT if launch.launcher == TORCHRUN else _free_port())
+    return {
+        "RANK": str(launch.rank),
+        "WORLD_SIZE": str(launch.world_size),
+        "LOCAL_RANK": str(launch.local_rank),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": master_port,
+    }
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
