@@ -119,10 +119,12 @@ def _register_shard(subparsers) -> None:
                                         "a property, capped at N in a seeded hash order (nested: the 5k subset "
                                         "is inside the 50k one). Loaders take it as `subset=<name>`.",
                             epilog="examples:\n  xtalgen shard subset shards/alex --property dft_mag_density\n"
-                                   "  xtalgen shard subset shards/alex --property dft_bulk_modulus --max 5000",
+                                   "  xtalgen shard subset shards/alex --property dft_bulk_modulus --max 5000\n"
+                                   "  xtalgen shard subset shards/alex --property dft_mag_density --property hhi_score",
                             formatter_class=RAW)
     subset.add_argument("dir", type=Path)
-    subset.add_argument("--property", required=True, dest="property_name")
+    subset.add_argument("--property", required=True, action="append", dest="property_names",
+                        help="property the records must carry; repeat (or join with +) for several: all of them")
     subset.add_argument("--max", type=int, dest="max_n", help="keep at most N records per split")
     subset.add_argument("--split", action="append", help="split(s) to index (default: train)")
     subset.add_argument("--all-splits", action="store_true", help="index every split")
@@ -210,15 +212,16 @@ def _stats(args) -> int:
 
 def _subset(args) -> int:
     from xtalgen.sharding import load_subset, make_subset
+    from xtalgen.sharding.subset import property_list
 
     split = None if args.all_splits else (args.split or "train")
     try:
-        path = make_subset(args.dir, args.property_name, max_n=args.max_n, split=split, seed=args.seed,
-                           progress=True)
+        names = property_list("+".join(args.property_names))
+        path = make_subset(args.dir, names, max_n=args.max_n, split=split, seed=args.seed, progress=True)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         return _fail(str(exc).strip("'\""))
     for name, info in load_subset(args.dir, path)["splits"].items():
-        print(f"  {name:<10}{info['count']:>10} of {info['available']} carrying {args.property_name}")
+        print(f"  {name:<10}{info['count']:>10} of {info['available']} carrying {' and '.join(names)}")
     print(f"subset: {path.stem}  ({path})")
     return 0
 

@@ -61,14 +61,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase.data import atomic_numbers
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from xtalgen.batch import CrystalBatch
-from xtalgen.record import MAX_ATOMIC_NUMBER
+from xtalgen.property_encoding import encode_column
 from xtalgen.sharding import ShardCorruptionError, ShardUnavailableError, load_subset, open_shards
 from xtalgen.sharding.codec import check, record_key, unpack
-from xtalgen.sharding.manifest import file_sha256, has_value
+from xtalgen.sharding.manifest import file_sha256
 from xtalgen.sharding.reader import check_file_size
 from xtalgen.sharding.webdataset_format import iter_tar_entry
 
@@ -110,7 +109,7 @@ def decode_arrays(
         raise ShardCorruptionError(shard, f"inconsistent record arrays in batch: {exc}") from exc
     props, masks = {}, {}
     for name in property_names:
-        props[name], masks[name] = _property_column([p["props"].get(name) for p in payloads], name)
+        props[name], masks[name] = encode_column([p["props"].get(name) for p in payloads], name)
     return {"lattice": lattice, "frac_coords": frac, "atomic_numbers": z, "num_atoms": num_atoms,
             "ids": [p["id"] for p in payloads], "properties": props, "property_mask": masks}
 
@@ -150,34 +149,6 @@ def _damage_item(exc: ShardCorruptionError) -> dict:
 def _raise_damage(item: dict) -> None:
     kind, *fields = item[_DAMAGE]
     raise _DAMAGE_TYPES.get(kind, ShardCorruptionError)(*fields)
-
-
-def _property_column(values: list, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(B,) values and (B,) presence mask, with `xtalgen.batch.collate`'s typing rules; chemical
-    systems ("Co-Li-O") become a (B, 100) multi-hot over Z = 1..100 (column Z - 1)."""
-    mask = [has_value(v) for v in values]
-    present = [v for v, m in zip(values, mask) if m]
-    if present and all(isinstance(v, str) for v in present):
-        column = np.zeros((len(values), MAX_ATOMIC_NUMBER), dtype=np.float64)
-        for row, (v, m) in enumerate(zip(values, mask)):
-            if m:
-                column[row, _element_columns(v, name)] = 1.0
-    elif all(isinstance(v, int) and not isinstance(v, bool) for v in present):
-        column = np.array([int(v) if m else 0 for v, m in zip(values, mask)], dtype=np.int64)
-    elif all(isinstance(v, (int, float)) for v in present):
-        column = np.array([float(v) if m else 0.0 for v, m in zip(values, mask)], dtype=np.float64)
-    else:
-        raise ValueError(f"property {name!r} is not numeric; encode it before collation")
-    return column, np.array(mask, dtype=bool)
-
-
-def _element_columns(system: str, name: str) -> list[int]:
-    try:
-        return [atomic_numbers[symbol] - 1 for symbol in system.split("-")]
-    except KeyError:
-        raise ValueError(
-            f"property {name!r}: {system!r} is neither numeric nor a chemical system like 'Co-Li-O'"
-        ) from None
 
 
 # --- epoch plans -------------------------------------------------------------------------------------

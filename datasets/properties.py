@@ -152,9 +152,26 @@ def hhi_score(atomic_numbers: Sequence[int] | np.ndarray) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def derived_properties(atomic_numbers: np.ndarray, cfg: ReaderConfig) -> dict[str, PropertyValue]:
-    """Properties computed from the structure itself, as configured."""
+SPACE_GROUP_SYMPREC = 0.1  # Å, the evaluator's tolerance (EvaluateConfig.symprec)
+
+
+def space_group_number(lattice: np.ndarray, frac_coords: np.ndarray, atomic_numbers: np.ndarray) -> int | None:
+    """International space-group number by spglib (symprec 0.1 Å); None when spglib finds none."""
+    import spglib
+
+    dataset = spglib.get_symmetry_dataset((lattice, frac_coords, atomic_numbers), symprec=SPACE_GROUP_SYMPREC)
+    return int(dataset.number) if dataset is not None else None
+
+
+def derived_properties(atomic_numbers: np.ndarray, cfg: ReaderConfig, lattice: np.ndarray | None = None,
+                       frac_coords: np.ndarray | None = None) -> dict[str, PropertyValue]:
+    """Properties computed from the structure itself, as configured (the space group needs the
+    lattice and coordinates too)."""
     out: dict[str, PropertyValue] = {}
+    if cfg.compute_space_group and lattice is not None and frac_coords is not None:
+        number = space_group_number(lattice, frac_coords, atomic_numbers)
+        if number is not None:
+            out["space_group"] = number
     if cfg.chemical_system:
         out["chemical_system"] = chemical_system(atomic_numbers)
     if cfg.compute_hhi:

@@ -457,7 +457,10 @@ def parse_and_validate(
             properties = convert_properties({**parsed.extra_properties, **item.properties}, reader)
         except PropertyError as exc:
             raise Reject("bad_property", str(exc)) from None
-        properties.update(derived_properties(numbers, reader))
+        derived = derived_properties(numbers, reader, lattice, frac)
+        if "space_group" in properties:  # a space-group column wins over the computed one
+            derived.pop("space_group", None)
+        properties.update(derived)
         check_text(record_id, properties)
         return CrystalRecord(id=record_id, lattice=lattice, frac_coords=frac, atomic_numbers=numbers,
                              properties=properties)

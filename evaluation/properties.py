@@ -12,8 +12,8 @@ What each conditioned property is judged by (DESIGN §8):
 * `energy_above_hull` - from the hull stage; met when at or below the target;
 * `dft_band_gap` - needs a trained predictor, not available: reported as not computed.
 
-A target may also be written with its direction (">=3", "<=1250", ">0.1", "<5"); a bare number
-uses the default direction above.
+A target may also be written with its direction (">=3", "<=1250", ">0.1", "<5") or as a range
+("100..200", both ends included); a bare number uses the default direction above.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ DEFAULT_DIRECTION = {
 }
 _COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _TARGET_RE = re.compile(r"^\s*(>=|<=|>|<)?\s*([-+0-9.eE]+)\s*$")
+_RANGE_RE = re.compile(r"^\s*([-+0-9.eE]+?)\s*\.\.\s*([-+0-9.eE]+)\s*$")
 
 
 def chemical_system(structure: Structure) -> str:
@@ -107,6 +108,10 @@ def meets_target(name: str, target, value) -> bool | None:
         return set(str(target).replace(" ", "").split("-")) == set(str(value).split("-"))
     if name == "space_group":
         return int(target) == int(value)
+    in_range = _RANGE_RE.match(str(target)) if name not in ("chemical_system", "space_group") else None
+    if in_range is not None:
+        low, high = float(in_range.group(1)), float(in_range.group(2))
+        return bool(low <= float(value) <= high)
     parsed = parse_target(name, target)
     if parsed is None:
         return None

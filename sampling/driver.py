@@ -20,8 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from xtalgen.dirlock import DirectoryLock
-from xtalgen.sampling.conditions import ConditionValue, condition_tensors, parse_conditions
-from xtalgen.sampling.plan import NUM_ATOMS_STREAM, SamplingPlan
+from xtalgen.sampling.conditions import (
+    ConditionRequest,
+    Range,
+    check_ranges_samplable,
+    condition_tensors,
+    draw_targets,
+    parse_conditions,
+    request_to_json,
+)
+from xtalgen.sampling.plan import CONDITION_STREAM, NUM_ATOMS_STREAM, SamplingPlan
 from xtalgen.sampling.writer import (
     MergeReport,
     PartWriter,
@@ -97,7 +105,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def request_record(cfg: SampleConfig, conditions: dict[str, ConditionValue], checkpoint: str | Path) -> dict:
+def request_record(cfg: SampleConfig, conditions: dict[str, ConditionRequest], checkpoint: str | Path) -> dict:
     """What determines the structures; a resumed run must ask for exactly the same.
 
     The model is identified by the sha256 of its file, not its path: a moved file resumes, a
@@ -107,7 +115,7 @@ def request_record(cfg: SampleConfig, conditions: dict[str, ConditionValue], che
     record.pop("out", None)
     record["checkpoint"] = str(checkpoint)
     record["model_sha256"] = file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else ""
-    record["conditions"] = conditions
+    record["conditions"] = request_to_json(conditions)
     return record
 
 
@@ -120,9 +128,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: SampleConfig,
-                            plan: SamplingPlan, batch: int, conditions: dict[str, ConditionValue],
-                            device: torch.device) -> list:
-    """Run the sampler for one batch of the plan; returns pymatgen structures in plan order."""
+                            plan: SamplingPlan, batch: int, conditions: dict[str, ConditionRequest],
+                            device: torch.device) -> tuple[list, dict[str, list]]:
+    """Run the sampler for one batch of the plan: (pymatgen structures in plan order, the
+    per-structure condition targets it was given, {name: [value per structure]})."""
     from xtalgen.models.sampler import sample, sample_num_atoms
 
     size = len(plan.batch_indices(batch))
@@ -130,7 +139,8 @@ def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: Sam
         num_atoms = torch.full((size,), cfg.num_atoms, dtype=torch.long)
     else:
         num_atoms = sample_num_atoms(stats, size, plan.generator(batch, NUM_ATOMS_STREAM, "cpu"))
-    cond = condition_tensors(conditions, model_cfg.conditions, size, device) if conditions else None
+    targets = draw_targets(conditions, stats, size, plan.generator(batch, CONDITION_STREAM, "cpu"))
+    cond = condition_tensors(targets, model_cfg.conditions, device) if targets else None
     with torch.no_grad():
         out = sample(
             model,
@@ -146,23 +156,27 @@ def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: Sam
             conditions=cond,
             generator=plan.generator(batch, device=device),
         )
-    return batch_to_structures(
+    structures = batch_to_structures(
         out.lattice.detach().double().cpu().numpy(),
         out.frac_coords.detach().double().cpu().numpy(),
         out.atomic_numbers.detach().cpu().numpy(),
         out.num_atoms.detach().cpu().numpy(),
     )
+    return structures, targets
 
 
 def batch_rows(plan: SamplingPlan, batch: int, cfg: SampleConfig,
-               conditions: dict[str, ConditionValue], structures: list,
-               band: tuple[float, float] | None = None) -> list[dict]:
+               conditions: dict[str, ConditionRequest], structures: list,
+               band: tuple[float, float] | None = None, targets: dict[str, list] | None = None) -> list[dict]:
     """Per-structure metadata lines. No rank or time in them: parts merge to the same bytes.
 
     Each line has the cell's volume per atom and, given a band (`physical_band`), `physical_cell`.
+    `conditions` is the request as asked (a range as ">=3", what the evaluator judges against);
+    `targets` holds the point value this structure was given (a range's draw).
     """
+    requested = {k: str(v) if isinstance(v, Range) else v for k, v in conditions.items()}
     rows = []
-    for index, structure in zip(plan.batch_indices(batch), structures):
+    for position, (index, structure) in enumerate(zip(plan.batch_indices(batch), structures)):
         volume_per_atom = structure.volume / len(structure)
         rows.append({
             "id": plan.sample_id(index),
@@ -172,7 +186,8 @@ def batch_rows(plan: SamplingPlan, batch: int, cfg: SampleConfig,
             "batch_seed": plan.batch_seed(batch),
             "num_atoms": len(structure),
             "formula": structure.composition.reduced_formula,
-            "conditions": conditions,
+            "conditions": requested,
+            **({"targets": {k: v[position] for k, v in targets.items()}} if targets else {}),
             "guidance": cfg.guidance_scale,
             "steps": cfg.num_steps,
             "volume_per_atom": round(volume_per_atom, 4),
@@ -206,9 +221,10 @@ def sample_to_directory(
     later `merge_parts` (a separate job after a Slurm array), so rank 0 does not wait.
     """
     out_dir = Path(out_dir)
+    conditions = parse_conditions(cfg.conditions, model_cfg.conditions)  # refused before out_dir exists
+    check_ranges_samplable(conditions, stats)
     with DirectoryLock(out_dir, name=f".xtalgen-sample-rank{rank}.lock"):  # creates out_dir
         device = torch.device(device) if device is not None else default_device()
-        conditions = parse_conditions(cfg.conditions, model_cfg.conditions)
         plan = SamplingPlan(cfg.num_samples, cfg.batch_size, cfg.seed)
         check_or_write_request(out_dir, request_record(cfg, conditions, checkpoint), informational=("checkpoint",))
 
@@ -226,8 +242,9 @@ def sample_to_directory(
                    desc=f"sampling (rank {rank}/{world_size})", disable=not progress, dynamic_ncols=True)
         with bar:
             for batch in todo:
-                structures = sample_batch_structures(model, model_cfg, stats, cfg, plan, batch, conditions, device)
-                rows = batch_rows(plan, batch, cfg, conditions, structures, band)
+                structures, targets = sample_batch_structures(model, model_cfg, stats, cfg, plan, batch,
+                                                              conditions, device)
+                rows = batch_rows(plan, batch, cfg, conditions, structures, band, targets)
                 writer.write_batch(rows, structures)
                 made += len(structures)
                 unphysical += sum(not row.get("physical_cell", True) for row in rows)

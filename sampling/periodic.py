@@ -76,11 +76,11 @@ def make_periodic_sampler(
         try:
             structures, rows = [], []
             for batch in range(plan.num_batches):
-                made = sample_batch_structures(
+                made, targets = sample_batch_structures(
                     model, model_cfg, model_stats, sample_cfg, plan, batch, conditions, device
                 )
                 structures += made
-                rows += batch_rows(plan, batch, sample_cfg, conditions, made)
+                rows += batch_rows(plan, batch, sample_cfg, conditions, made, targets=targets)
         finally:
             model.train(was_training)
         sample_seconds = time.perf_counter() - start

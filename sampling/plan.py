@@ -19,6 +19,7 @@ from xtalgen.launcher import launch_env
 # atom counts from the histogram (always on CPU, so the counts do not depend on the device).
 NOISE_STREAM = 0
 NUM_ATOMS_STREAM = 1
+CONDITION_STREAM = 2  # per-structure targets drawn for a range condition
 
 ID_PREFIX = "sample-"  # non-numeric, so extxyz readers keep ids as strings ("000012" would become 12)
 

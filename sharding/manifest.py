@@ -16,10 +16,10 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from xtalgen.property_encoding import has_value
 from xtalgen.record import CrystalRecord
 
 SCHEMA_VERSION = 1
@@ -35,11 +35,6 @@ def created_by() -> str:
         return f"xtalgen {version('xtalgen')}"
     except PackageNotFoundError:
         return "xtalgen (unknown version)"
-
-
-def has_value(value: Any) -> bool:
-    """A property counts as present unless it is None or a float NaN."""
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 class SplitStats:

@@ -7,6 +7,11 @@ sha256(f"{seed}:{record id}"): deterministic, independent of record order, and n
 subset is contained in the 50k one for the same seed), like MatterGen's 5k...605k fine-tuning sets.
 Loaders take the subset name and read only those indices. A subset records the hash of the
 manifest it was made from and is refused for any other build.
+
+Several properties (`["dft_mag_density", "hhi_score"]`, named `dft_mag_density+hhi_score`) select
+the records that carry all of them: what a multi-property fine-tuning trains on. For each numeric
+property the subset also stores the statistics of the kept records (count, mean, std and 1,001
+quantiles): fine-tuning standardises the property with them and samples range targets from them.
 """
 
 from __future__ import annotations
@@ -28,44 +33,79 @@ from xtalgen.sharding.reader import open_shards
 SUBSET_DIR = "subsets"
 
 
-def subset_name(property_name: str, max_n: int | None) -> str:
-    return property_name if max_n is None else f"{property_name}-{max_n}"
+QUANTILE_POINTS = 1001
+
+
+def property_list(properties: str | Sequence[str]) -> list[str]:
+    """'a+b', 'a' or ['b', 'a'] -> the distinct names, sorted (one subset per set of properties)."""
+    names = properties.split("+") if isinstance(properties, str) else list(properties)
+    names = sorted({n.strip() for n in names if n.strip()})
+    if not names:
+        raise ValueError("a subset needs at least one property name")
+    return names
+
+
+def subset_name(properties: str | Sequence[str], max_n: int | None) -> str:
+    joined = "+".join(property_list(properties))
+    return joined if max_n is None else f"{joined}-{max_n}"
 
 
 def _order_key(seed: int, record_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{record_id}".encode()).digest()[:8], "big")
 
 
-def _select(shards, split: str, property_name: str, max_n: int | None, seed: int, progress: bool) -> dict:
+def _select(shards, split: str, names: list[str], max_n: int | None, seed: int, progress: bool) -> dict:
     order, indices = array("Q"), array("q")
-    values = shards.iter_values(split)
-    for index, value, shard in tqdm(values, total=shards.num_records(split), desc=f"subset {split}",
+    values: dict[str, list] = {n: [] for n in names}
+    records = shards.iter_values(split)
+    for index, value, shard in tqdm(records, total=shards.num_records(split), desc=f"subset {split}",
                                     disable=not progress):
         payload = unpack(value, shard, record_key(index))
-        if has_value(payload["props"].get(property_name)):
+        props = payload["props"]
+        if all(has_value(props.get(n)) for n in names):
             order.append(_order_key(seed, payload["id"]))
             indices.append(index)
+            for n in names:
+                values[n].append(props[n])
     order_np, indices_np = np.frombuffer(order, np.uint64), np.frombuffer(indices, np.int64)
     available = len(indices_np)
+    keep = np.arange(available)
     if max_n is not None and available > max_n:
         keep = np.lexsort((indices_np, order_np))[:max_n]  # by hash, index breaks ties
-        indices_np = indices_np[keep]
-    chosen = np.sort(indices_np)
-    return {"available": available, "count": int(len(chosen)), "indices": chosen.tolist()}
+    keep = keep[np.argsort(indices_np[keep], kind="stable")]  # ascending record index
+    chosen = indices_np[keep]
+    stats = {n: _value_stats([values[n][i] for i in keep]) for n in names}
+    return {"available": available, "count": int(len(chosen)), "indices": chosen.tolist(),
+            "values": {n: v for n, v in stats.items() if v is not None}}
+
+
+def _value_stats(values: list) -> dict | None:
+    """count, mean, std and 1,001 quantiles of numeric values; None for text (chemical systems)."""
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    array_ = np.asarray(values, dtype=np.float64)
+    return {
+        "count": int(array_.size),
+        "mean": float(array_.mean()),
+        "std": float(array_.std()),
+        "quantiles": np.quantile(array_, np.linspace(0.0, 1.0, QUANTILE_POINTS)).tolist(),
+    }
 
 
 def make_subset(
     shard_dir: str | Path,
-    property_name: str,
+    property_name: str | Sequence[str],
     max_n: int | None = None,
     split: str | Sequence[str] | None = "train",
     seed: int = 0,
     progress: bool = False,
 ) -> Path:
-    """Write the subset index of records carrying `property_name`; returns the JSON path.
+    """Write the subset index of records carrying `property_name` (a name, 'a+b', or a list: all of
+    them); returns the JSON path.
 
     `split`: one split, several, or None for every split; `max_n` caps each split separately.
     """
+    names = property_list(property_name)
     if max_n is not None and max_n < 1:
         raise ValueError("max_n must be >= 1")
     shards = open_shards(shard_dir)
@@ -74,16 +114,18 @@ def make_subset(
     for s in splits:
         shards.num_records(s)  # raises a clear KeyError for an unknown split
     payload = {
-        "property": property_name,
+        "property": "+".join(names),
+        "properties": names,
         "max_n": max_n,
         "seed": seed,
         "manifest_sha256": manifest_hash(shards.path),
-        "splits": {s: _select(shards, s, property_name, max_n, seed, progress) for s in splits},
+        "splits": {s: _select(shards, s, names, max_n, seed, progress) for s in splits},
     }
     if not any(v["count"] for v in payload["splits"].values()):
         known = ", ".join(sorted(coverage)) or "none"
-        raise ValueError(f"no record in {', '.join(splits)} carries {property_name!r} (properties: {known})")
-    out = shards.path / SUBSET_DIR / f"{subset_name(property_name, max_n)}.json"
+        raise ValueError(f"no record in {', '.join(splits)} carries {' and '.join(map(repr, names))} "
+                         f"(properties: {known})")
+    out = shards.path / SUBSET_DIR / f"{subset_name(names, max_n)}.json"
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, sort_keys=True) + "\n")

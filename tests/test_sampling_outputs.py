@@ -17,9 +17,10 @@ import torch
 from ase.io import read as ase_read
 from pymatgen.core import Structure
 
+from xtalgen.property_encoding import chemical_system_multi_hot
 from xtalgen.sampling.conditions import (
-    chemical_system_multi_hot,
     condition_tensors,
+    draw_targets,
     parse_conditions,
     split_assignments,
 )
@@ -117,13 +118,13 @@ def test_conditions_parse_to_typed_values_and_tensors():
     raw = split_assignments(["dft_band_gap=3.0", "chemical_system=O-Li-Co", "space_group=225", "magnetic=1"])
     values = parse_conditions(raw, CONDITIONS)
     assert values == {"dft_band_gap": 3.0, "chemical_system": "Co-Li-O", "space_group": 225, "magnetic": 1}
-    tensors = condition_tensors(values, CONDITIONS, batch_size=4)
+    tensors = condition_tensors(draw_targets(values, {}, 4, torch.Generator()), CONDITIONS)
     assert tensors["dft_band_gap"].shape == (4,) and tensors["dft_band_gap"].dtype == torch.float32
     assert tensors["space_group"].dtype == torch.long and tensors["space_group"].tolist() == [225] * 4
     hot = tensors["chemical_system"]
     assert hot.shape == (4, 100)
     assert torch.nonzero(hot[0]).flatten().tolist() == [2, 7, 26]  # Li (3), O (8), Co (27): column Z-1
-    assert torch.equal(chemical_system_multi_hot("Co-Li-O"), hot[3])
+    assert torch.equal(torch.from_numpy(chemical_system_multi_hot("Co-Li-O")).float(), hot[3])
 
 
 @pytest.mark.parametrize(

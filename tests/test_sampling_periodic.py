@@ -69,7 +69,7 @@ def test_novelty_against_the_samples_themselves_is_zero(setup, perov_val, tmp_pa
     sample_cfg = _periodic_sample_config(cfg)
     plan = SamplingPlan(sample_cfg.num_samples, sample_cfg.batch_size, sample_cfg.seed)
     made = [s for b in range(plan.num_batches)
-            for s in sample_batch_structures(model, cfg.model, model.stats, sample_cfg, plan, b, {}, "cpu")]
+            for s in sample_batch_structures(model, cfg.model, model.stats, sample_cfg, plan, b, {}, "cpu")[0]]
     metrics = make_periodic_sampler(cfg, made)(model, 1)
     assert metrics[PREFIX + "novel_rate"] == 0.0
     assert metrics[PREFIX + "reference_size"] == 4.0

@@ -1,4 +1,5 @@
-"""`xtalgen train CONFIG [k=v ...] [--debug]` and `xtalgen train consolidate RUN_DIR --out model.pt`.
+"""`xtalgen train CONFIG [k=v ...] [--debug]`, `xtalgen train consolidate RUN_DIR --out model.pt` and
+`xtalgen finetune BASE RECIPE [k=v ...]`.
 
 The same command runs in one process or under `torchrun`, the `deepspeed` launcher or `srun`;
 rank and world size come from the launcher's environment.
@@ -21,6 +22,27 @@ EPILOG = """examples:
 exit codes: 0 done, 2 config error or a damaged shard (one line names the shard and key),
 3 stopped on non-finite losses, 75 preempted (checkpoint written on SIGTERM/SIGUSR1; run again
 with train.resume=auto)
+"""
+
+FINETUNE_EPILOG = """examples:
+  xtalgen finetune base.pt dft_band_gap data.shards=shards/alex train.run_dir=runs/gap
+  xtalgen finetune runs/base dft_mag_density data.shards=shards/alex finetune.max_labels=5000
+  xtalgen finetune base.pt dft_mag_density+hhi_score data.shards=shards/alex finetune.full=true
+  torchrun --nproc_per_node 8 $(which xtalgen) finetune base.pt chemical_system data.shards=shards/alex
+  xtalgen finetune base.pt my_recipe.yaml data.shards=shards/mine --check   # validate only
+  xtalgen train consolidate runs/gap --out gap.pt
+  xtalgen sample gap.pt --out gap3 --condition dft_band_gap=3.0 --guidance 2
+  xtalgen sample gap.pt --out wide --condition 'dft_band_gap>=3' --guidance 2
+
+BASE is an unconditional model file or a training run directory (its latest EMA weights, written
+to RUN_DIR/base.pt). RECIPE is a name under configs/finetune/ (dft_band_gap, chemical_system, ...;
+`a+b` for the multi-property ones) or a YAML file; a property of your own needs only a YAML file
+naming it in model.conditions. The network is the base's; the recipe adds the conditions, and
+by default trains only the adapters and property embeddings (finetune.full=true trains all).
+The data are the records carrying every conditioned property (finetune.max_labels=N keeps N of
+them), read from data.shards through a subset index (`xtalgen shard subset`).
+
+exit codes: as `xtalgen train`.
 """
 
 DEBUG_OVERRIDES = [
@@ -50,18 +72,47 @@ def register(subparsers) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=main)
 
+    finetune = subparsers.add_parser(
+        "finetune", help="fine-tune a base model on a property subset (adapters, classifier-free guidance)",
+        description="Fine-tune a pre-trained model on the structures that carry one or more properties.",
+        epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_argument("base", metavar="BASE", help="unconditional model file or training run directory")
+    finetune.add_argument("recipe", metavar="RECIPE", help="recipe name under configs/finetune/, or a YAML file")
+    finetune.add_argument("rest", nargs="*", metavar="k=v", help="config overrides (dotted keys)")
+    finetune.add_argument("--check", action="store_true",
+                          help="only validate the recipe, the base, the shards and train.resume, then exit")
+    finetune.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    finetune.set_defaults(func=finetune_main, debug=False)
+
+
+def finetune_main(args: argparse.Namespace) -> int:
+    from xtalgen.schema import load_config, preset_path
+
+    recipe = preset_path(args.recipe, folder="finetune")
+    cfg = load_config([recipe], [*args.rest, f"finetune.base={args.base}"])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from xtalgen.train.finetune import build_finetune_trainer, check_finetune_inputs
+
+    check_finetune_inputs(cfg)
+    if args.check:
+        from pathlib import Path
+
+        from xtalgen.train.finetune import read_base
+
+        if Path(args.base).is_file():  # a run directory is consolidated only when the run starts
+            read_base(Path(args.base), args.base)
+        return _check(cfg)
+    return _run(cfg, build_finetune_trainer)
+
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.config == "consolidate":
         return _consolidate(args)
-    from xtalgen.dirlock import OutputInUseError
     from xtalgen.schema import load_config
-    from xtalgen.sharding.codec import ShardCorruptionError
     from xtalgen.train.build import build_trainer
-    from xtalgen.train.distributed import StoppedByPeer, shutdown_distributed_at_exit
-    from xtalgen.train.trainer import EXIT_CORRUPT_DATA, EXIT_RUN_DIR_IN_USE, run_and_report
 
     overrides = list(args.rest)
     if args.debug:
@@ -71,8 +122,18 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config([args.config], overrides)
     if args.check:
         return _check(cfg)
+    return _run(cfg, build_trainer)
+
+
+def _run(cfg, build) -> int:
+    """Build the trainer (`build(cfg)`), train, and turn the ways a run stops into exit codes."""
+    from xtalgen.dirlock import OutputInUseError
+    from xtalgen.sharding.codec import ShardCorruptionError
+    from xtalgen.train.distributed import StoppedByPeer, shutdown_distributed_at_exit
+    from xtalgen.train.trainer import EXIT_CORRUPT_DATA, EXIT_RUN_DIR_IN_USE, run_and_report
+
     try:
-        code = run_and_report(build_trainer(cfg))
+        code = run_and_report(build(cfg))
     except ShardCorruptionError as exc:
         # Raised on one rank only (`stop_together`), so this line is printed once per run.
         print(f"xtalgen: error: {exc}{_damage_hint(exc, cfg.data.shards)}", file=sys.stderr, flush=True)

@@ -154,7 +154,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: Config, model: nn.Module, loader, *, dist_info: DistInfo | None = None,
-                 stats: dict | None = None):
+                 stats: dict | None = None, run_info: dict | None = None):
         self.cfg, self.tc = cfg, cfg.train
         validate_train_config(self.tc)
         self.dist = dist_info or init_distributed()
@@ -166,6 +166,7 @@ class Trainer:
         self.ds_config = build_deepspeed_config(self.tc, self.world_size)
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
         self.model, self.loader, self.stats = model, loader, dict(stats or {})
+        self.run_info = dict(run_info or {})  # extra run.json entries (fine-tuning: the base model)
 
         # Initial weights must already be identical on all ranks (the caller seeds before building
         # the model); from here on each rank draws its own noise.
@@ -273,6 +274,7 @@ class Trainer:
             wandb_id=self.metrics.wandb_id if self.metrics else None,
             versions={"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                       "python": platform.python_version()},
+            **self.run_info,
         )
         info.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

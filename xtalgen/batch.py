@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
+from xtalgen.property_encoding import encode_column
 from xtalgen.record import CrystalRecord
 
 
@@ -65,17 +66,9 @@ def collate(records: Sequence[CrystalRecord], property_names: Sequence[str] = ()
     z = np.concatenate([r.atomic_numbers for r in records])
     batch_index = np.repeat(np.arange(len(records), dtype=np.int64), num_atoms)
     props, masks = {}, {}
-    for name in property_names:
-        values = [r.properties.get(name) for r in records]
-        mask = np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in values])
-        if all(isinstance(v, int) and not isinstance(v, bool) for v, m in zip(values, mask) if m):
-            arr = torch.tensor([int(v) if m else 0 for v, m in zip(values, mask)], dtype=torch.long)
-        elif all(isinstance(v, (int, float)) for v, m in zip(values, mask) if m):
-            arr = torch.tensor([float(v) if m else 0.0 for v, m in zip(values, mask)], dtype=torch.float64)
-        else:
-            raise ValueError(f"property {name!r} is not numeric; encode it before collation")
-        props[name] = arr
-        masks[name] = torch.from_numpy(mask)
+    for name in property_names:  # the loader's encoding exactly (xtalgen.property_encoding)
+        column, mask = encode_column([r.properties.get(name) for r in records], name)
+        props[name], masks[name] = torch.from_numpy(column), torch.from_numpy(mask)
     return CrystalBatch(
         lattice=torch.from_numpy(lattice),
         frac_coords=torch.from_numpy(frac),

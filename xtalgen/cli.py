@@ -17,7 +17,7 @@ COMMAND_MODULES: list[tuple[tuple[str, ...], str]] = [
     (("quickstart",), "xtalgen.quickstart"),
     (("data", "shard"), "xtalgen.datasets.cli"),
     (("model",), "xtalgen.models.cli"),
-    (("train",), "xtalgen.train.cli"),
+    (("train", "finetune"), "xtalgen.train.cli"),
     (("sample",), "xtalgen.sampling.cli"),
     (("evaluate",), "xtalgen.evaluation.cli"),
 ]
@@ -27,6 +27,7 @@ EPILOG = """examples:
   xtalgen shard build perov_5/*.csv --out shards/perov --format lmdb --workers 2
   xtalgen train debug data.shards=shards/perov train.max_steps=300
   xtalgen sample runs/debug/checkpoints/latest --out samples
+  xtalgen finetune runs/debug/model.pt dft_band_gap data.shards=shards/perov train.run_dir=runs/gap
   xtalgen evaluate samples --reference shards/perov --out eval
 """
 

@@ -23,7 +23,7 @@ from xtalgen.schema.data import (
 )
 from xtalgen.schema.model import ConditionConfig, DiffusionConfig, ModelConfig, ScoreNetConfig
 from xtalgen.schema.sample import EvaluateConfig, SampleConfig
-from xtalgen.schema.train import OptimConfig, TrainConfig, WandbConfig
+from xtalgen.schema.train import FinetuneConfig, OptimConfig, TrainConfig, WandbConfig
 
 __all__ = [
     "Config",
@@ -32,6 +32,7 @@ __all__ = [
     "DataConfig",
     "DiffusionConfig",
     "EvaluateConfig",
+    "FinetuneConfig",
     "LoaderConfig",
     "ModelConfig",
     "OptimConfig",
@@ -57,23 +58,28 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 class ConfigError(ValueError):
     """A config problem, with the offending key in the message."""
 
 
-def preset_path(name: str) -> Path:
-    """Resolve a preset name (`debug`) or a YAML path to a file."""
+def preset_path(name: str, folder: str = "") -> Path:
+    """Resolve a preset name (`debug`; in `folder`, e.g. `finetune`) or a YAML path to a file."""
     candidate = Path(name)
     if candidate.suffix in (".yaml", ".yml") and candidate.exists():
         return candidate
     from importlib import resources
 
-    packaged = resources.files("xtalgen.configs") / f"{name}.yaml"
+    root = resources.files("xtalgen.configs")
+    packaged = (root / folder if folder else root) / f"{name}.yaml"
     if packaged.is_file():
         return Path(str(packaged))
-    raise ConfigError(f"no config file or preset named {name!r}")
+    kind = f"{folder} recipe" if folder else "preset"
+    known = sorted(p.name[: -len(".yaml")] for p in (root / folder if folder else root).iterdir()
+                   if p.name.endswith(".yaml"))
+    raise ConfigError(f"no config file or {kind} named {name!r} (known: {', '.join(known)})")
 
 
 def load_config(sources: list[str | Path] = (), overrides: list[str] = ()) -> Config:

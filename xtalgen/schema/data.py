@@ -23,6 +23,8 @@ class ReaderConfig:
     compute_hhi: bool = False  # add `hhi_score` computed from composition
     default_properties: bool = True  # MatterGen names for known columns (band_gap -> dft_band_gap, ...)
     chemical_system: bool = True  # add `chemical_system` (elements sorted, joined by '-')
+    # Add `space_group` (spglib at symprec 0.1 Å, as the evaluator judges it) where no column gives it.
+    compute_space_group: bool = False
 
 
 @dataclass

@@ -57,3 +57,23 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     debug_inject_nan_step: int = 0  # test hook: rank 0's loss at this step becomes NaN (0 = off)
     offload_nvme_path: str = ""  # required when offload_optimizer/offload_param is nvme
+
+
+@dataclass
+class FinetuneConfig:
+    """`xtalgen finetune BASE RECIPE`: the model to start from and what of it trains.
+
+    The network and diffusion settings are the base model's; a recipe adds `model.conditions`
+    (and `model.condition_dropout`). Properties enter through per-layer adapters whose last layer
+    starts at zero, so step 0 reproduces the base bit for bit.
+    """
+
+    base: str = ""  # model file, or a training run directory (its latest checkpoint's EMA weights)
+    # False: adapters and property embeddings train, the base is frozen (bit-identical after training).
+    # True: every weight trains (MatterGen's default, with its lr 5e-6).
+    full: bool = False
+    # Subset index (`xtalgen shard subset`) of the labelled records to train on, by name or path.
+    # "" = the records of data.train_split carrying every conditioned property, made on first use.
+    subset: str = ""
+    max_labels: int | None = None  # with subset "": keep at most this many labelled records (None: all)
+    subset_seed: int = 0  # hash order of the kept records (nested: 500 of seed s lie inside 1,500)
