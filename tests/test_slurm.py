@@ -132,6 +132,10 @@ def pretrain_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["configs/debug.yaml", f"data.shards={shards}", f"train.run_dir={run_dir}", *TINY_MODEL, *TRAIN, *extra]
 
 
+def finetune_args(base: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [str(base), "chemical_system", f"data.shards={shards}", f"train.run_dir={run_dir}", *TRAIN, *extra]
+
+
 @pytest.fixture(scope="module")
 def pretrained(slurm, shards, tmp_path_factory) -> tuple[Path, list[dict], str]:
     """An uninterrupted 2-rank pre-training job: (run dir, its job rows, its output)."""
@@ -149,6 +153,29 @@ def test_pretraining_on_two_ranks_reaches_its_last_step(pretrained):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
     assert "2 ranks" in output and json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+
+
+def test_finetuning_recipe_starts_from_the_pretraining_run(slurm, shards, pretrained, tmp_path):
+    """finetune.sbatch with the pre-training run directory as BASE: its EMA weights are consolidated
+    once into RUN_DIR/base.pt, then two srun ranks train adapters on the chemical system."""
+    import torch
+
+    base_run, *_ = pretrained
+    run_dir = tmp_path / "ft"
+    rows = run_job(slurm, "finetune.sbatch", finetune_args(base_run, shards, run_dir), TWO_RANKS, tmp_path / "ft.out")
+    output = (tmp_path / "ft.out").read_text()
+    assert exit_codes(rows) == [0], output[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == STEPS
+    info = json.loads((run_dir / "run.json").read_text())["finetune"]
+    assert info["base"] == str(run_dir / "base.pt") and info["base_source"] == str(base_run)
+    assert output.count("fine-tuning on") == 1
+    from xtalgen.train.consolidate import consolidated_state_dict
+
+    base = torch.load(run_dir / "base.pt", weights_only=True)["state_dict"]
+    tuned = consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    assert base and all(torch.equal(tuned[name], value) for name, value in base.items())  # base kept
+    assert any(name.startswith("score_net.adapters.") for name in set(tuned) - set(base))
 
 
 def test_a_preemption_signal_checkpoints_requeues_and_resumes_exactly(slurm, shards, pretrained, tmp_path):
@@ -277,8 +304,8 @@ def test_recipes_given_bad_input_fail_fast_with_the_clis_one_line(slurm, shards,
                        ["train", *pretrain_args(shards, tmp_path / "a", "train.max_stepz=3"), "--check"]),
         "shards": ("pretrain.sbatch", pretrain_args(missing, tmp_path / "b"), TWO_RANKS,
                    ["train", *pretrain_args(missing, tmp_path / "b"), "--check"]),
-        "checkpoint": ("finetune.sbatch", pretrain_args(shards, tmp_path / "c", f"train.resume={missing}"), TWO_RANKS,
-                       ["train", *pretrain_args(shards, tmp_path / "c", f"train.resume={missing}"), "--check"]),
+        "base": ("finetune.sbatch", finetune_args(missing, shards, tmp_path / "c"), TWO_RANKS,
+                 ["finetune", *finetune_args(missing, shards, tmp_path / "c"), "--check"]),
         "input": ("shard_array.sbatch", [str(tmp_path / "d"), str(missing)], ["--array=0-1", *ONE_TASK],
                   ["shard", "build", str(missing), "--out", str(tmp_path / "d"), "--part", "0/2"]),
         "model": ("sample_array.sbatch", [str(missing), str(tmp_path / "e")], ["--array=0-1", *ONE_TASK],
