@@ -303,3 +303,18 @@ def test_two_ranks_finetune_under_torchrun(base, shards, tmp_path):
     assert result.stdout.count("fine-tuning on") == 1  # rank 0 says it once
     tuned, original = weights(consolidate(run_dir)), weights(base)
     assert all(torch.equal(tuned[k], v) for k, v in original.items())
+
+
+def test_periodic_sampling_during_finetuning_reports_adherence(base, shards, tmp_path):
+    """The recipe's sample.conditions are asked for every train.sample_every steps; the rate at which
+    samples meet them reaches the run's hooks.jsonl (and W&B)."""
+    run_dir = tmp_path / "run"
+    assert finetune(base, "chemical_system", shards, run_dir, "train.max_steps=2", "train.sample_every=2",
+                    "train.sample_count=3", "train.sample_steps=2", "sample.conditions.chemical_system=Ba-O-Ti") == 0
+    logged = [json.loads(line) for line in (run_dir / "hooks.jsonl").read_text().splitlines()]
+    rates = [entry["sample/meets_chemical_system_rate"] for entry in logged]
+    assert len(rates) == 1 and 0.0 <= rates[0] <= 1.0
+    table = logged[0]["sample/structures"]
+    made = [row["formula"] for row in table]
+    expected = sum(sorted({el for el in __import__("pymatgen.core", fromlist=["Composition"]).Composition(f).chemical_system.split("-")}) == ["Ba", "O", "Ti"] for f in made) / len(made)
+    assert rates[0] == pytest.approx(expected)
