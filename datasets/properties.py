@@ -64,9 +64,7 @@ def property_columns(available: Iterable[str], cfg: ReaderConfig) -> list[Proper
         for column in available:
             if column in MATTERGEN_COLUMNS:
                 mapping[column] = MATTERGEN_COLUMNS[column]
-    for entry in cfg.properties:
-        if entry.kind not in KINDS:
-            raise ValueError(f"property column {entry.column!r}: kind must be one of {KINDS}, not {entry.kind!r}")
+    for entry in cfg.properties:  # entry.kind was checked when the config loaded (one of KINDS)
         if not entry.column or not entry.name:
             raise ValueError(f"property mapping {entry!r} needs both `column` and `name`")
         mapping[entry.column] = entry

@@ -96,19 +96,19 @@ class ScoreOutput:
 
 
 def resolve_architecture(cfg: ScoreNetConfig) -> dict:
-    """Preset values, overridden by the config's explicit (> 0) fields.
+    """Preset values, overridden by the config's explicit (not None) fields.
 
     The preset's edge width is capped at `hidden` (a narrow override such as `hidden=32` gets 32 edge
-    channels); an explicit `edge_hidden` is used as given.
+    channels); an explicit `edge_hidden` is used as given. The preset name and the sizes were checked
+    when the config loaded (`xtalgen.schema.load_config`).
     """
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown score-net preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
     arch = dict(PRESETS[cfg.preset])
     for key in ("hidden", "num_layers", "num_rbf"):
         value = getattr(cfg, key)
-        if value > 0:
+        if value is not None:
             arch[key] = value
-    arch["edge_hidden"] = cfg.edge_hidden if cfg.edge_hidden > 0 else min(arch["edge_hidden"], arch["hidden"])
+    preset_edges = min(arch["edge_hidden"], arch["hidden"])
+    arch["edge_hidden"] = cfg.edge_hidden if cfg.edge_hidden is not None else preset_edges
     return arch
 
 
@@ -146,7 +146,8 @@ class ScoreNetwork(nn.Module):
         )
         self.adapters: nn.ModuleList | None = None
         # Recompute each layer in the backward pass instead of keeping its per-edge activations
-        # (the large presets' memory); the trainer switches it on. Results are identical.
+        # (the large presets' memory); `train.activation_checkpointing` switches it on
+        # (`xtalgen.train.parallelize.apply_activation_checkpointing`). Results are identical.
         self.activation_checkpointing = False
         # Fixed at construction: properties either shape the whole network (trained with it) or enter
         # only through adapters (fine-tuning). Adding adapters later must not change this.

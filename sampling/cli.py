@@ -209,11 +209,6 @@ def _check_sample_config(cfg) -> None:
         value = getattr(cfg, key)
         if not math.isfinite(value) or not ok(value):
             raise ConfigError(f"config key 'sample.{key}': must be finite and {allowed}, got {value}")
-    from xtalgen.models.sampler import PREDICTORS
-
-    if cfg.predictor not in PREDICTORS:
-        raise ConfigError(f"config key 'sample.predictor': must be one of {', '.join(PREDICTORS)}, "
-                          f"got {cfg.predictor!r}")
 
 
 def _warn_if_guidance_is_unused(args: argparse.Namespace, cfg) -> None:

@@ -19,6 +19,7 @@ from xtalgen.models.score_net import (
     build_score_net,
     count_parameters,
     preset_parameter_count,
+    resolve_architecture,
 )
 from xtalgen.schema.model import ConditionConfig, ScoreNetConfig
 
@@ -293,10 +294,18 @@ def test_backend_from_config_is_used_and_unknown_backends_are_refused(perov_val)
 
 
 def test_config_overrides_and_unknown_preset():
+    from xtalgen.schema import ConfigError, load_config
+
     net = build_score_net(ScoreNetConfig(preset="debug", hidden=24, num_layers=3))
     assert net.hidden == 24 and len(net.layers) == 3
-    with pytest.raises(ValueError, match="unknown score-net preset"):
-        build_score_net(ScoreNetConfig(preset="huge"))
+    # None (not 0) takes the preset's size; 0, as written before, still means the same
+    assert ScoreNetConfig().hidden is None and ScoreNetConfig(hidden=0, edge_hidden=0).edge_hidden is None
+    assert resolve_architecture(ScoreNetConfig(preset="base")) == PRESETS["base"]
+    # the preset name and the sizes are checked when the config loads, naming the key
+    with pytest.raises(ConfigError, match="config key 'model.score_net.preset'"):
+        load_config([], ["model.score_net.preset=huge"])
+    with pytest.raises(ConfigError, match="config key 'model.score_net.num_layers'"):
+        load_config([], ["model.score_net.num_layers=-1"])
 
 
 def test_preset_sizes():

@@ -54,8 +54,9 @@ def toy_command(csv: Path, run_dir: Path, ranks: int, *overrides: str) -> list[s
             f"--master_port={free_port()}", *entry]
 
 
-def run_toy(csv: Path, run_dir: Path, ranks: int, *overrides: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(toy_command(csv, run_dir, ranks, *overrides), env=clean_env(),
+def run_toy(csv: Path, run_dir: Path, ranks: int, *overrides: str, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    result = subprocess.run(toy_command(csv, run_dir, ranks, *overrides), env=clean_env() | (env or {}),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -68,7 +69,7 @@ def losses(run_dir: Path) -> list[float]:
 def test_two_ranks_zero3_trains_and_consolidates(perov_val, tmp_path):
     run_dir = tmp_path / "z3"
     run_toy(perov_val, run_dir, 2, "train.zero_stage=3", "train.max_steps=8", "train.ema_decay=0.0",
-            "train.debug_inject_nan_step=3")
+            env={"XTALGEN_DEBUG_INJECT_NAN_STEP": "3"})
     curve = losses(run_dir)
     assert len(curve) == 8 and sum(curve[-3:]) < sum(curve[:3])
     # rank 0's NaN at step 3 made both ranks skip that batch (a forward with no backward under ZeRO-3)

@@ -1,6 +1,9 @@
-"""Training: the DeepSpeed engine (`trainer`), its config (`deepspeed_config`), checkpoints and
-consolidation, EMA, launch environments (`distributed`), run logging (`metrics_log`), and the
-`xtalgen train` command (`cli`). Heavy imports (DeepSpeed, W&B) happen only when used.
+"""Training: the loop (`trainer`) over components — everything that touches DeepSpeed
+(`parallelize`, the only module importing it), its JSON config (`deepspeed_config`), the LR
+schedule (`lr_schedule`), run logging and the loss average (`metrics_log`), EMA (`ema`), the
+checkpoint manager (`checkpoint`) and consolidation, launch environments (`distributed`) — and the
+`xtalgen train` / `xtalgen finetune` commands (`cli`, `finetune`). Heavy imports (DeepSpeed, W&B)
+happen only when used.
 
     from xtalgen.train.trainer import Trainer, EXIT_PREEMPTED
     trainer = Trainer(cfg, model, loader, stats=stats)   # model has .loss(batch) -> {"loss": ...}

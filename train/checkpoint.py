@@ -11,6 +11,15 @@ The per-rank file holds only tensors, numbers, strings, lists and dicts, so it l
 `torch.load(weights_only=True)`. DeepSpeed's `client_state` carries the step for its own records.
 A checkpoint is only complete once `latest` names it, so a run killed while saving resumes from the
 previous one.
+
+`CheckpointManager` writes and reads all of it: every component of a run (loader, EMA, LR schedule,
+loss average, RNG, the trainer's counters) saves itself (`state_dict`/`load_state_dict`), and the
+manager gathers them into the per-rank file and restores them on resume. Its format,
+`xtalgen-trainer-state-v1`:
+
+    {"format": ..., "rank": r, "world_size": n,
+     "step": ..., "epoch": ..., ...,             the counters, at the top level (consolidation reads `step`)
+     "loader": {...}, "ema": {...}, "schedule": {...}, "loss_average": {...}, "rng": {...}}
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 LATEST_FILE = "latest"
+STATE_FORMAT = "xtalgen-trainer-state-v1"
 
 
 def tag_for_step(step: int) -> str:
@@ -133,3 +144,81 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
     return removed
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Counters(Stateful, Protocol):
+    step: int
+    epoch: int
+
+
+class RNGState:
+    """Python's, numpy's and torch's global generators, as one checkpointed component."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
+class CheckpointManager:
+    """Save and restore a run: DeepSpeed's engine files plus one trainer-state file per rank.
+
+    `counters` (step, epoch, ...) go to the top level of the per-rank file, each of `components`
+    under its name. On resume the engine is restored first, then the counters, then the components
+    in the order given: put the RNG last, so nothing drawn while restoring moves the stream.
+    """
+
+    def __init__(self, root: Path, engine, counters: Counters, components: dict[str, Stateful], *,
+                 rank: int, world_size: int, keep: int):
+        self.root, self.engine, self.counters = Path(root), engine, counters
+        self.components = dict(components)
+        self.rank, self.world_size, self.keep = rank, world_size, keep
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "rank": self.rank, "world_size": self.world_size,
+                **self.counters.state_dict(),
+                **{name: component.state_dict() for name, component in self.components.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counters.load_state_dict(state)
+        for name, component in self.components.items():
+            component.load_state_dict(state[name])
+
+    def save(self) -> Path:
+        """Write this rank's state and DeepSpeed's files for the current step; prune old ones."""
+        from xtalgen.train.distributed import barrier
+        from xtalgen.train.parallelize import save_engine_checkpoint
+
+        tag = tag_for_step(self.counters.step)
+        directory = self.root / tag
+        save_rank_state(directory, self.rank, self.state_dict())
+        barrier()  # every rank's state is on disk before DeepSpeed writes `latest`
+        save_engine_checkpoint(self.engine, self.root, tag,
+                               client_state={"step": self.counters.step, "epoch": self.counters.epoch,
+                                             "world_size": self.world_size})
+        barrier()
+        if self.rank == 0:
+            prune_checkpoints(self.root, self.keep)
+        return directory
+
+    def load(self, source: Path) -> None:
+        """Restore the engine and every component from checkpoint `source` (same number of ranks)."""
+        from xtalgen.schema import ConfigError
+        from xtalgen.train.parallelize import load_engine_checkpoint
+
+        saved_world = saved_world_size(source)
+        if saved_world != self.world_size:
+            raise ConfigError(
+                f"config key 'train.resume': {source} was written by {saved_world} ranks but this run "
+                f"has {self.world_size}; exact resume needs the same number of ranks. Consolidate it "
+                "(`xtalgen train consolidate`) and start a new run from those weights instead"
+            )
+        load_engine_checkpoint(self.engine, source)
+        self.load_state_dict(load_rank_state(source, self.rank))

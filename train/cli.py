@@ -1,6 +1,9 @@
 """`xtalgen train CONFIG [k=v ...] [--debug]`, `xtalgen train consolidate RUN_DIR --out model.pt` and
 `xtalgen finetune BASE RECIPE [k=v ...]`.
 
+`train` has two subcommands: `run` (the default: `xtalgen train CONFIG ...` is `xtalgen train run
+CONFIG ...`, so CONFIG can never be the word `consolidate`) and `consolidate`.
+
 The same command runs in one process or under `torchrun`, the `deepspeed` launcher or `srun`;
 rank and world size come from the launcher's environment.
 """
@@ -53,24 +56,53 @@ DEBUG_OVERRIDES = [
 DEBUG_MAX_STEPS = 20
 
 
+CONSOLIDATE_EPILOG = """examples:
+  xtalgen train consolidate runs/base --out base.pt                  # the latest checkpoint's EMA weights
+  xtalgen train consolidate runs/base/checkpoints/step_00010000 --out base10k.pt
+  xtalgen train consolidate runs/base --out raw.pt --raw             # the training weights instead
+
+Runs in one process without DeepSpeed's ranks, whatever the ZeRO stage and number of ranks that
+wrote the checkpoint. The model file loads with `xtalgen sample model.pt` or
+`xtalgen.models.io.load_model`.
+"""
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    train = subparsers.add_parser(
         "train", help="train a model with DeepSpeed (or `train consolidate` a checkpoint)",
-        description="Train a crystal diffusion model. CONFIG is a preset name (debug, base, large, xl) "
-                    "or a YAML file; key=value pairs override it.",
+        description="Train a crystal diffusion model, or consolidate a run's checkpoint into a model file.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", metavar="CONFIG", help="preset name or YAML path, or `consolidate`")
+    train.default_subcommand = "run"  # `xtalgen train CONFIG ...`
+    commands = train.add_subparsers(dest="train_command", metavar="{CONFIG,consolidate}")
+    parser = commands.add_parser(
+        "run", prog=train.prog,  # reached without the word `run`; its usage and help are `train`'s
+        description="Train a crystal diffusion model. CONFIG is a preset name (debug, base, large, xl) "
+                    "or a YAML file; key=value pairs override it. `xtalgen train consolidate RUN_DIR "
+                    "--out model.pt` turns a run into a model file (see `xtalgen train consolidate --help`).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", metavar="CONFIG", help="preset name or YAML path")
     parser.add_argument("rest", nargs="*", metavar="k=v", help="config overrides (dotted keys)")
     parser.add_argument("--debug", action="store_true",
                         help=f"tiny preset, at most {DEBUG_MAX_STEPS} steps, anomaly detection, per-step output")
     parser.add_argument("--check", action="store_true",
                         help="only validate the config, the shards and train.resume, then exit (0 if good, 2 if not)")
-    parser.add_argument("--out", help="consolidate: output model file")
-    parser.add_argument("--raw", action="store_true", help="consolidate: raw weights instead of the EMA")
     # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=main)
+
+    consolidate = commands.add_parser(
+        "consolidate", help="write a run's (EMA) weights into one model file",
+        description="Consolidate a training checkpoint (any ZeRO stage, any number of ranks) into one "
+                    "weights-only model file.",
+        epilog=CONSOLIDATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    consolidate.add_argument("source", metavar="RUN_DIR",
+                             help="run directory, its checkpoints/ directory, the `latest` file, or one checkpoint")
+    consolidate.add_argument("--out", required=True, metavar="FILE", help="output model file")
+    consolidate.add_argument("--raw", action="store_true", help="the raw training weights instead of the EMA")
+    consolidate.set_defaults(func=consolidate_main)
 
     finetune = subparsers.add_parser(
         "finetune", help="fine-tune a base model on a property subset (adapters, classifier-free guidance)",
@@ -109,8 +141,6 @@ def finetune_main(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.config == "consolidate":
-        return _consolidate(args)
     from xtalgen.schema import load_config
     from xtalgen.train.build import build_trainer
 
@@ -170,12 +200,11 @@ def _check(cfg) -> int:
     return 0
 
 
-def _consolidate(args: argparse.Namespace) -> int:
-    if len(args.rest) != 1 or not args.out:
-        print("usage: xtalgen train consolidate RUN_DIR_OR_CHECKPOINT --out model.pt [--raw]", file=sys.stderr)
-        return 2
+def consolidate_main(args: argparse.Namespace) -> int:
+    """`xtalgen train consolidate RUN_DIR --out model.pt [--raw]`."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from xtalgen.train.consolidate import consolidate
 
-    path = consolidate(args.rest[0], args.out, use_ema=not args.raw)
-    print(f"wrote {path} ({'raw' if args.raw else 'EMA'} weights from {args.rest[0]})")
+    path = consolidate(args.source, args.out, use_ema=not args.raw)
+    print(f"wrote {path} ({'raw' if args.raw else 'EMA'} weights from {args.source})")
     return 0

@@ -2,8 +2,9 @@
 
 Runs offline in one process, whatever the stage and number of ranks that wrote the checkpoint.
 Weights: the EMA by default (gathered from every rank's partition for ZeRO-3), or the raw training
-weights (`use_ema=False`), which come from DeepSpeed's fp32 consolidation for ZeRO 1-3 and from the
-module file for stage 0.
+weights (`use_ema=False`), which come from DeepSpeed's fp32 consolidation for ZeRO 1-3
+(`parallelize.gather_fp32_weights`, the one DeepSpeed import here) and from the module file for
+stage 0.
 
 The EMA path reads only weights-only files (`torch.load(weights_only=True)`) and never imports
 DeepSpeed: the trainer's per-rank EMA partitions, plus DeepSpeed's model-states file(s) for the
@@ -24,7 +25,7 @@ from xtalgen.train.ema import gather_partitions
 
 log = logging.getLogger("xtalgen.train")
 
-MODULE_PREFIX = "model."  # the trainer's LossForward wrapper holds the model as `.model`
+MODULE_PREFIX = "model."  # parallelize.LossForward, the engine's wrapper, holds the model as `.model`
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,13 +36,9 @@ def raw_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The training weights in fp32, consolidated over ranks."""
     partitioned = any(checkpoint_dir.glob("*zero_pp_rank_*optim_states.pt"))
     if partitioned:
-        import contextlib
-        import io
+        from xtalgen.train.parallelize import gather_fp32_weights
 
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+        state = gather_fp32_weights(checkpoint_dir)
     else:
         module_file = checkpoint_dir / "mp_rank_00_model_states.pt"
         if not module_file.exists():

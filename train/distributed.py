@@ -79,27 +79,18 @@ def launcher_environment(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device."""
-    import datetime
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    from xtalgen.train import parallelize
 
     os.environ.update(launcher_environment())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    accelerator = get_accelerator()
-    on_gpu = accelerator.device_name() == "cuda"
+    on_gpu = parallelize.accelerator_name() == "cuda"
     backend = "nccl" if on_gpu else "gloo"
     if on_gpu:
-        accelerator.set_device(local_rank)
+        parallelize.set_accelerator_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            verbose=False,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
-    device = torch.device(accelerator.device_name(local_rank)) if on_gpu else torch.device("cpu")
+        parallelize.init_process_group(backend, timeout_minutes)
+    device = parallelize.accelerator_device(local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 

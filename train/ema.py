@@ -1,9 +1,10 @@
 """Exponential moving average of the weights, kept in fp32, working with every ZeRO stage.
 
 With ZeRO 0-2 every rank holds whole parameters, so the average is of whole tensors (identical on
-all ranks). With ZeRO-3 a rank holds only its flat partition `param.ds_tensor`, so the average is
-of that partition; `gather_partitions` rebuilds whole tensors from all ranks' partitions offline
-(DeepSpeed pads the flattened parameter to world x partition size and gives rank r the r-th slice).
+all ranks). With ZeRO-3 a rank holds only its flat partition of each parameter (what
+`parallelize.local_tensor` returns), so the average is of that partition; `gather_partitions`
+rebuilds whole tensors from all ranks' partitions offline (DeepSpeed pads the flattened parameter
+to world x partition size and gives rank r the r-th slice).
 """
 
 from __future__ import annotations
@@ -14,14 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-
-def _is_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_tensor")
-
-
-def _local_tensor(param: torch.Tensor) -> torch.Tensor:
-    """What this rank owns of a parameter: the whole tensor, or its ZeRO-3 flat partition."""
-    return param.ds_tensor if _is_partitioned(param) else param.data
+from xtalgen.train.parallelize import full_shape, is_partitioned, local_tensor
 
 
 class ExponentialMovingAverage:
@@ -35,15 +29,14 @@ class ExponentialMovingAverage:
             if not param.requires_grad:
                 continue
             self.names.append(name)
-            self.shadow.append(_local_tensor(param).detach().float().clone())
-            self.partitioned |= _is_partitioned(param)
-            shape = param.ds_shape if _is_partitioned(param) else param.shape
-            self.shapes[name] = list(shape)
+            self.shadow.append(local_tensor(param).detach().float().clone())
+            self.partitioned |= is_partitioned(param)
+            self.shapes[name] = list(full_shape(param))
         self._params = dict(module.named_parameters())
 
     def _current(self) -> list[torch.Tensor]:
         # Looked up every time: ZeRO may swap a parameter's storage object between steps.
-        return [_local_tensor(self._params[name]) for name in self.names]
+        return [local_tensor(self._params[name]) for name in self.names]
 
     @torch.no_grad()
     def update(self) -> None:

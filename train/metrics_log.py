@@ -1,4 +1,5 @@
-"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step) mirrored to W&B.
+"""Run logging on rank 0: `metrics.jsonl` (one JSON object per logged step) mirrored to W&B; and
+`LossAverage`, the smoothed global loss that the plateau schedule watches (a checkpointed component).
 
 W&B never decides whether a run lives: mode `auto` is offline without an API key or network,
 `WANDB_MODE=disabled` turns it off, and every W&B exception is caught and reported once.
@@ -224,3 +225,24 @@ def _new_run_id() -> str:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+class LossAverage:
+    """Bias-corrected exponential moving average of the global train loss (what plateau watches)."""
+
+    def __init__(self, beta: float = 0.98):
+        self.beta, self.value_raw, self.count = beta, 0.0, 0
+
+    def update(self, value: float) -> None:
+        self.count += 1
+        self.value_raw = self.beta * self.value_raw + (1 - self.beta) * value
+
+    @property
+    def value(self) -> float:
+        return self.value_raw / (1 - self.beta**self.count) if self.count else float("nan")
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "value_raw": self.value_raw, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.value_raw, self.count = state["beta"], state["value_raw"], state["count"]

@@ -13,6 +13,11 @@ The whole step, in order (`Trainer._train_step`):
 Anything random draws from torch's global generator (seeded per rank) and the loader's own seeded
 stream; both are in the checkpoint, so a resumed run reproduces the uninterrupted run's losses
 exactly on the same number of ranks.
+
+The trainer wires components that each do one thing: the DeepSpeed engine and everything else that
+touches DeepSpeed (`parallelize`), the LR schedule (`lr_schedule`), the loss average and run logs
+(`metrics_log`), the EMA (`ema`), and the checkpoint manager (`checkpoint.CheckpointManager`), which
+saves and restores every component that has a `state_dict`, the trainer's own counters included.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
+import os
 import platform
 import random
 import resource
@@ -30,6 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +47,16 @@ from tqdm.auto import tqdm
 
 from xtalgen.batch import CrystalBatch
 from xtalgen.dirlock import DirectoryLock, OutputInUseError
-from xtalgen.schema import Config, ConfigError, OptimConfig, save_config
+from xtalgen.schema import Config, ConfigError, save_config
 from xtalgen.sharding.codec import ShardCorruptionError
 from xtalgen.sharding.remote import is_remote, shard_location
 from xtalgen.train import checkpoint as ckpt
-from xtalgen.train.deepspeed_config import build_deepspeed_config, validate_train_config
+from xtalgen.train import parallelize
+from xtalgen.train.deepspeed_config import build_deepspeed_config
 from xtalgen.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, stop_together
 from xtalgen.train.ema import ExponentialMovingAverage
-from xtalgen.train.metrics_log import MetricsLogger
+from xtalgen.train.lr_schedule import LRSchedule
+from xtalgen.train.metrics_log import LossAverage, MetricsLogger
 
 log = logging.getLogger("xtalgen.train")
 # DeepSpeed calls torch.distributed functions that torch now marks deprecated, once per step.
@@ -62,84 +70,61 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; re
 
 PeriodicHook = Callable[["Trainer", int], "dict[str, Any] | None"]
 
+# Test hook, read here only: rank 0's loss at this step (1-based) becomes NaN; unset or 0 = off.
+INJECT_NAN_ENV = "XTALGEN_DEBUG_INJECT_NAN_STEP"
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when more batches than `train.max_nonfinite_skips` gave a NaN/inf loss."""
 
 
-class LossForward(nn.Module):
-    """Routes DeepSpeed's `engine(batch)` to `model.loss(batch)`, so ZeRO-3 hooks see a forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: CrystalBatch) -> dict[str, torch.Tensor]:
-        return self.model.loss(batch)
+def injected_nan_step(environ: dict[str, str] | None = None) -> int:
+    """The step at which rank 0's loss is made NaN (tests of the non-finite guard); 0 = never."""
+    raw = (os.environ if environ is None else environ).get(INJECT_NAN_ENV, "").strip()
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        raise ValueError(f"{INJECT_NAN_ENV}={raw!r} is not a step number") from None
 
 
-class LRSchedule:
-    """Linear warm-up, then plateau decay (on the loss average), constant, or cosine to `min_lr`."""
+@dataclass
+class TrainCounters:
+    """The trainer's own progress: a checkpointed component like the loader or the EMA (its
+    entries sit at the top level of each rank's trainer-state file)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-        self.kind, self.warmup_steps, self.steps = cfg.scheduler, cfg.warmup_steps, 0
-        min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-        decay_steps = max(1, max_steps - cfg.warmup_steps)
-
-        def factor(step: int) -> float:  # step = optimizer steps already taken
-            warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-            if self.kind != "cosine" or step < cfg.warmup_steps:
-                return warm
-            progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-            return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-        self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        self.plateau = None
-        if self.kind == "plateau":
-            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-                min_lr=cfg.min_lr,
-            )
-
-    def step(self, loss_average: float) -> None:
-        self.steps += 1
-        # LambdaLR rewrites the lr from the base each step, so after warm-up it must stop
-        # stepping when the plateau schedule owns the lr.
-        if self.plateau is None or self.steps <= self.warmup_steps:
-            self.lambda_lr.step()
-        else:
-            self.plateau.step(loss_average)
+    step: int = 0
+    epoch: int = 0
+    nonfinite_skips: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    loss_keys: list[str] | None = None
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "lambda_lr": self.lambda_lr.state_dict(),
-                "plateau": self.plateau.state_dict() if self.plateau else None}
+        return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.lambda_lr.load_state_dict(state["lambda_lr"])
-        if self.plateau is not None and state["plateau"] is not None:
-            self.plateau.load_state_dict(state["plateau"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.nonfinite_skips = int(state["nonfinite_skips"])
+        self.first_loss, self.loss_keys = state["first_loss"], state["loss_keys"]
+        self.last_loss = state.get("last_loss")
 
 
-class LossAverage:
-    """Bias-corrected exponential moving average of the global train loss (what plateau watches)."""
+class Throughput:
+    """Structures and atoms per second over the steps since the last `reset`."""
 
-    def __init__(self, beta: float = 0.98):
-        self.beta, self.value_raw, self.count = beta, 0.0, 0
+    def __init__(self):
+        self.reset()
 
-    def update(self, value: float) -> None:
-        self.count += 1
-        self.value_raw = self.beta * self.value_raw + (1 - self.beta) * value
+    def reset(self) -> None:
+        self.start, self.structures, self.atoms = time.perf_counter(), 0.0, 0.0
 
-    @property
-    def value(self) -> float:
-        return self.value_raw / (1 - self.beta**self.count) if self.count else float("nan")
+    def add(self, result: dict[str, float]) -> None:
+        self.structures += result["structures"]
+        self.atoms += result["atoms"]
 
-    def state_dict(self) -> dict:
-        return {"beta": self.beta, "value_raw": self.value_raw, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.beta, self.value_raw, self.count = state["beta"], state["value_raw"], state["count"]
+    def rates(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"structures_per_s": self.structures / elapsed, "atoms_per_s": self.atoms / elapsed}
 
 
 def sha256_file(path: Path) -> str:
@@ -153,10 +138,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
+    """One DeepSpeed loop for every model with `loss(batch) -> dict[str, Tensor]`.
+
+    `cfg` is checked when it loads (`xtalgen.schema.load_config`). `inject_nan_at_step`: rank 0's
+    loss at that step becomes NaN, once (tests of the non-finite guard); None reads
+    $XTALGEN_DEBUG_INJECT_NAN_STEP, 0 is off.
+    """
+
     def __init__(self, cfg: Config, model: nn.Module, loader, *, dist_info: DistInfo | None = None,
-                 stats: dict | None = None, run_info: dict | None = None):
+                 stats: dict | None = None, run_info: dict | None = None, inject_nan_at_step: int | None = None):
         self.cfg, self.tc = cfg, cfg.train
-        validate_train_config(self.tc)
         self.dist = dist_info or init_distributed()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.is_main = self.dist.is_main
@@ -171,19 +162,25 @@ class Trainer:
         # Initial weights must already be identical on all ranks (the caller seeds before building
         # the model); from here on each rank draws its own noise.
         self._seed_everything(self.tc.seed + self.rank)
-        self.engine, self.optimizer = self._build_engine(model)
+        if self.tc.activation_checkpointing:
+            parallelize.apply_activation_checkpointing(model)
+        self.engine, self.optimizer = parallelize.build_engine(model, self.tc.optim, self.ds_config)
         self.ema = ExponentialMovingAverage(self.engine.module, self.tc.ema_decay)
         self.schedule = LRSchedule(self.optimizer, self.tc.optim, self.tc.max_steps)
         self.loss_average = LossAverage()
+        self.counters = TrainCounters()
+        # Restored in this order on resume; the RNG last, so that nothing drawn before it counts.
+        self.checkpoints = ckpt.CheckpointManager(
+            self.checkpoint_root, self.engine, self.counters,
+            {"loader": self.loader, "ema": self.ema, "schedule": self.schedule,
+             "loss_average": self.loss_average, "rng": ckpt.RNGState()},
+            rank=self.rank, world_size=self.world_size, keep=self.tc.keep_checkpoints,
+        )
 
-        self.step, self.epoch = 0, 0
-        self.nonfinite_skips = 0
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.loss_keys: list[str] | None = None
         self.last_checkpoint: Path | None = None
         self.hooks: list[tuple[int, PeriodicHook, str]] = []
         self._stop_signal: str | None = None
+        self._inject_nan_at = injected_nan_step() if inject_nan_at_step is None else int(inject_nan_at_step)
         self._nan_injected = False
         self._previous_handlers: dict[int, Any] = {}
         self.metrics: MetricsLogger | None = None
@@ -196,20 +193,10 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _build_engine(self, model: nn.Module):
-        import deepspeed
-
-        wrapped = LossForward(model)
-        optim = self.tc.optim
-        trainable = [p for p in wrapped.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("the model has no trainable parameters")
-        # A client torch AdamW: no fused/CPU-Adam build, same numerics on CPU and GPU.
-        optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas),
-                                      weight_decay=optim.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=self.ds_config,
-                                               dist_init_required=False)
-        return engine, optimizer
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (restored on resume)."""
+        return self.counters.step
 
     def add_periodic_hook(self, every: int, fn: PeriodicHook, name: str | None = None) -> None:
         """Call `fn(trainer, step)` every `every` steps on every rank (e.g. periodic sampling).
@@ -254,8 +241,6 @@ class Trainer:
     def _write_run_info(self) -> None:
         if not self.is_main:
             return
-        import deepspeed
-
         manifest, manifest_hash = self._manifest_identity()
         info_path = self.run_dir / "run.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -272,7 +257,7 @@ class Trainer:
             gradient_accumulation_steps=self.accumulation,
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             wandb_id=self.metrics.wandb_id if self.metrics else None,
-            versions={"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            versions={"torch": torch.__version__, "deepspeed": parallelize.deepspeed_version(),
                       "python": platform.python_version()},
             **self.run_info,
         )
@@ -296,64 +281,16 @@ class Trainer:
         return json.loads(info_path.read_text()).get("wandb_id") if info_path.exists() else None
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _rank_state(self) -> dict:
-        return {
-            "format": "xtalgen-trainer-state-v1",
-            "step": self.step,
-            "epoch": self.epoch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "rng": ckpt.rng_state(),
-            "loader": self.loader.state_dict(),
-            "ema": self.ema.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "loss_average": self.loss_average.state_dict(),
-            "nonfinite_skips": self.nonfinite_skips,
-            "first_loss": self.first_loss,
-            "last_loss": self.last_loss,
-            "loss_keys": self.loss_keys,
-        }
-
     def save_checkpoint(self) -> Path:
-        tag = ckpt.tag_for_step(self.step)
-        directory = self.checkpoint_root / tag
-        ckpt.save_rank_state(directory, self.rank, self._rank_state())
-        barrier()  # every rank's state is on disk before DeepSpeed writes `latest`
-        self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag,
-                                    client_state={"step": self.step, "epoch": self.epoch,
-                                                  "world_size": self.world_size})
-        barrier()
-        if self.is_main:
-            ckpt.prune_checkpoints(self.checkpoint_root, self.tc.keep_checkpoints)
-        self.last_checkpoint = directory
-        return directory
+        """Every component's state and DeepSpeed's files for the current step (`checkpoint.py`)."""
+        self.last_checkpoint = self.checkpoints.save()
+        return self.last_checkpoint
 
     def _resume(self) -> Path | None:
         source = ckpt.resolve_checkpoint(self.tc.resume, self.run_dir)
         if source is None:
             return None
-        saved_world = ckpt.saved_world_size(source)
-        if saved_world != self.world_size:
-            raise ConfigError(
-                f"config key 'train.resume': {source} was written by {saved_world} ranks but this run "
-                f"has {self.world_size}; exact resume needs the same number of ranks. Consolidate it "
-                "(`xtalgen train consolidate`) and start a new run from those weights instead"
-            )
-        load_path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
-                                                   load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint at {source}")
-        state = ckpt.load_rank_state(source, self.rank)
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.loader.load_state_dict(state["loader"])
-        self.ema.load_state_dict(state["ema"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.loss_average.load_state_dict(state["loss_average"])
-        self.nonfinite_skips = int(state["nonfinite_skips"])
-        self.first_loss, self.loss_keys = state["first_loss"], state["loss_keys"]
-        self.last_loss = state.get("last_loss")
-        ckpt.set_rng_state(state["rng"])
+        self.checkpoints.load(source)
         self.last_checkpoint = source
         return source
 
@@ -377,7 +314,7 @@ class Trainer:
         """Endless stream over epochs; the loader's state says where in the epoch we are."""
         empty_epochs = 0
         while True:
-            self.loader.set_epoch(self.epoch)
+            self.loader.set_epoch(self.counters.epoch)
             produced = False
             for batch in self.loader:
                 produced = True
@@ -386,7 +323,7 @@ class Trainer:
             if empty_epochs > 1:
                 raise RuntimeError("the loader produced no batches for this rank: too little data "
                                    f"for {self.world_size} ranks, or an empty split")
-            self.epoch += 1
+            self.counters.epoch += 1
 
     def _autocast(self):
         if self.tc.precision == "bf16":
@@ -424,34 +361,28 @@ class Trainer:
         return batch
 
     def _should_inject_nan(self) -> bool:
-        if self.tc.debug_inject_nan_step != self.step + 1 or self.rank != 0 or self._nan_injected:
+        if self._inject_nan_at != self.step + 1 or self.rank != 0 or self._nan_injected:
             return False
         self._nan_injected = True
         return True
 
     def _record_nonfinite(self, batch: CrystalBatch, local_bad: bool, bad_ranks: int) -> None:
-        self.nonfinite_skips += 1
+        self.counters.nonfinite_skips += 1
+        skips = self.counters.nonfinite_skips
         if local_bad:
             log.warning("rank %d: non-finite loss at step %d, batch skipped on every rank; ids: %s",
                         self.rank, self.step + 1, ", ".join(batch.ids))
             if self.metrics is not None:
                 self.metrics.event({"event": "nonfinite_loss", "step": self.step + 1, "rank": self.rank,
                                     "ranks_affected": bad_ranks, "ids": list(batch.ids),
-                                    "skips_so_far": self.nonfinite_skips})
-        if self.nonfinite_skips > self.tc.max_nonfinite_skips:
+                                    "skips_so_far": skips})
+        if skips > self.tc.max_nonfinite_skips:
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1}: {self.nonfinite_skips} batches skipped, more "
+                f"non-finite loss at step {self.step + 1}: {skips} batches skipped, more "
                 f"than train.max_nonfinite_skips={self.tc.max_nonfinite_skips}. The run stopped without "
                 f"training on them; the last good checkpoint is {self.last_checkpoint}. Offending batch "
                 f"ids are in {self.run_dir / 'events.jsonl'}"
             )
-
-    def _grad_norm_if_unreported(self) -> float | None:
-        """DeepSpeed reports the norm for ZeRO/bf16; plain fp32 stage 0 clips without keeping it."""
-        if self.tc.zero_stage > 0 or self.tc.precision != "fp32":
-            return None
-        norms = [p.grad.norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else 0.0  # the 2-norm of all gradients
 
     def _train_step(self, data: Iterator[CrystalBatch]) -> dict[str, float]:
         terms: torch.Tensor | None = None
@@ -459,24 +390,23 @@ class Trainer:
         grad_norm = None
         for _ in range(self.accumulation):
             batch, out = self._finite_forward(data)
-            if self.loss_keys is None:
-                self.loss_keys = ["loss"] + sorted(k for k in out if k != "loss")
+            if self.counters.loss_keys is None:
+                self.counters.loss_keys = ["loss"] + sorted(k for k in out if k != "loss")
             self.engine.backward(out["loss"])
             if self.engine.is_gradient_accumulation_boundary():
-                grad_norm = self._grad_norm_if_unreported()
+                grad_norm = parallelize.unreported_grad_norm(self.engine, self.tc.zero_stage, self.tc.precision)
             self.engine.step()
-            values = torch.stack([out[k].detach().float().cpu() for k in self.loss_keys]).double()
+            values = torch.stack([out[k].detach().float().cpu() for k in self.counters.loss_keys]).double()
             terms = values if terms is None else terms + values
             structures += batch.num_structures
             atoms += batch.num_atoms_total
         if grad_norm is None:
-            reported = self.engine.get_global_grad_norm()
-            grad_norm = float(reported) if reported is not None else float("nan")
+            grad_norm = parallelize.reported_grad_norm(self.engine)
         stop = 1.0 if self._stop_signal else 0.0
         packed = torch.cat([terms / self.accumulation, torch.tensor([structures, atoms, stop], dtype=torch.float64)])
         reduced = all_reduce_sum(packed)
-        k = len(self.loss_keys)
-        result = {key: float(reduced[i]) / self.world_size for i, key in enumerate(self.loss_keys)}
+        k = len(self.counters.loss_keys)
+        result = {key: float(reduced[i]) / self.world_size for i, key in enumerate(self.counters.loss_keys)}
         result.update(structures=float(reduced[k]), atoms=float(reduced[k + 1]), stop=float(reduced[k + 2]),
                       grad_norm=grad_norm)
         return result
@@ -498,6 +428,40 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to `train.max_steps` (or a stop signal); return the summary (also summary.json)."""
+        resumed_from = self._start()
+        start_step, started = self.step, time.perf_counter()
+        status = "completed"
+        progress = tqdm(total=self.tc.max_steps, initial=self.step, disable=not self.is_main,
+                        desc="train", unit="step", dynamic_ncols=True)
+        throughput = Throughput()
+        data = self._batches()
+        try:
+            while self.step < self.tc.max_steps:
+                lr = float(self.optimizer.param_groups[0]["lr"])
+                result = self._train_step(data)
+                self._end_step(result)
+                throughput.add(result)
+                if self._due(self.tc.log_every):
+                    self._log_step(result, lr, throughput)
+                progress.update(1)
+                progress.set_postfix(loss=f"{self.counters.last_loss:.4f}", lr=f"{lr:.2e}")
+                self._run_hooks()
+                stop = result["stop"] > 0
+                if stop or self._due(self.tc.checkpoint_every):
+                    self.save_checkpoint()
+                if stop:
+                    status = "preempted"
+                    self._record_preemption()
+                    break
+        finally:
+            progress.close()
+            self._restore_signal_handlers()
+            torch.autograd.set_detect_anomaly(False)
+        return self._finish(status, resumed_from, self.step - start_step, time.perf_counter() - started)
+
+    def _start(self) -> Path | None:
+        """Lock and prepare the run directory, open the logs, resume (the checkpoint it resumed
+        from, or None), record run.json, and arm anomaly detection and the signal handlers."""
         self._lock_run_dir()
         resuming = ckpt.resolve_checkpoint(self.tc.resume, self.run_dir) is not None
         self._prepare_run_dir(resuming)
@@ -511,65 +475,50 @@ class Trainer:
         if self.tc.debug:
             torch.autograd.set_detect_anomaly(True)
         self._install_signal_handlers()
-        start_step, started = self.step, time.perf_counter()
-        status = "completed"
-        progress = tqdm(total=self.tc.max_steps, initial=self.step, disable=not self.is_main,
-                        desc="train", unit="step", dynamic_ncols=True)
-        window_start, window_structures, window_atoms = time.perf_counter(), 0.0, 0.0
-        data = self._batches()
-        try:
-            while self.step < self.tc.max_steps:
-                lr = float(self.optimizer.param_groups[0]["lr"])
-                result = self._train_step(data)
-                self.step += 1
-                self.ema.update()
-                self.loss_average.update(result["loss"])
-                self.schedule.step(self.loss_average.value)
-                self.last_loss = result["loss"]
-                if self.first_loss is None:
-                    self.first_loss = self.last_loss
-                window_structures += result["structures"]
-                window_atoms += result["atoms"]
-                if self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    record = {"step": self.step, "epoch": self.epoch, "lr": lr,
-                              "grad_norm": result["grad_norm"],
-                              "structures_per_s": window_structures / elapsed,
-                              "atoms_per_s": window_atoms / elapsed,
-                              "memory_mb": peak_memory_mb(self.device),
-                              "nonfinite_skips": self.nonfinite_skips,
-                              **{k: result[k] for k in self.loss_keys}}
-                    self.metrics.log(record)
-                    if self.tc.debug and self.is_main:
-                        tqdm.write(json.dumps(record, sort_keys=True))
-                    window_start, window_structures, window_atoms = time.perf_counter(), 0.0, 0.0
-                progress.update(1)
-                progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}")
-                self._run_hooks()
-                stop = result["stop"] > 0
-                if stop or self.step % self.tc.checkpoint_every == 0 or self.step == self.tc.max_steps:
-                    self.save_checkpoint()
-                if stop:
-                    status = "preempted"
-                    if self.is_main:
-                        self.metrics.event({"event": "preempted", "step": self.step,
-                                            "signal": self._stop_signal or "peer rank"})
-                    break
-        finally:
-            progress.close()
-            self._restore_signal_handlers()
-            torch.autograd.set_detect_anomaly(False)
-        steps_run = self.step - start_step
-        wall = time.perf_counter() - started
+        return resumed_from
+
+    def _end_step(self, result: dict[str, float]) -> None:
+        """After the optimizer step: count it, update the EMA, the loss average and the LR schedule."""
+        self.counters.step += 1
+        self.ema.update()
+        self.loss_average.update(result["loss"])
+        self.schedule.step(self.loss_average.value)
+        self.counters.last_loss = result["loss"]
+        if self.counters.first_loss is None:
+            self.counters.first_loss = self.counters.last_loss
+
+    def _due(self, every: int) -> bool:
+        """Whether this step is one of every `every` steps, or the last."""
+        return self.step % every == 0 or self.step == self.tc.max_steps
+
+    def _log_step(self, result: dict[str, float], lr: float, throughput: Throughput) -> None:
+        record = {"step": self.step, "epoch": self.counters.epoch, "lr": lr,
+                  "grad_norm": result["grad_norm"],
+                  **throughput.rates(),
+                  "memory_mb": peak_memory_mb(self.device),
+                  "nonfinite_skips": self.counters.nonfinite_skips,
+                  **{k: result[k] for k in self.counters.loss_keys}}
+        self.metrics.log(record)
+        if self.tc.debug and self.is_main:
+            tqdm.write(json.dumps(record, sort_keys=True))
+        throughput.reset()
+
+    def _record_preemption(self) -> None:
+        if self.is_main:
+            self.metrics.event({"event": "preempted", "step": self.step,
+                                "signal": self._stop_signal or "peer rank"})
+
+    def _finish(self, status: str, resumed_from: Path | None, steps_run: int, wall: float) -> dict[str, Any]:
+        """The end summary: written to summary.json (rank 0) and W&B, and returned."""
         summary = {
             "status": status,
             "exit_code": EXIT_PREEMPTED if status == "preempted" else EXIT_OK,
             "step": self.step,
             "steps_this_session": steps_run,
             "resumed_from": str(resumed_from) if resumed_from else None,
-            "first_loss": self.first_loss,
-            "last_loss": self.last_loss,
-            "nonfinite_skips": self.nonfinite_skips,
+            "first_loss": self.counters.first_loss,
+            "last_loss": self.counters.last_loss,
+            "nonfinite_skips": self.counters.nonfinite_skips,
             "wall_time_s": wall,
             "run_dir": str(self.run_dir),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
@@ -585,8 +534,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release DeepSpeed's engine (lets one process run several trainers, e.g. in tests)."""
-        with contextlib.suppress(Exception):
-            self.engine.destroy()
+        parallelize.destroy_engine(self.engine)
         if self._run_lock is not None:
             self._run_lock.release()
             self._run_lock = None
@@ -628,6 +576,6 @@ def run_and_report(trainer: Trainer) -> int:
 
 
 __all__ = [
-    "EXIT_CORRUPT_DATA", "EXIT_NONFINITE", "EXIT_RUN_DIR_IN_USE", "EXIT_OK", "EXIT_PREEMPTED", "LRSchedule", "LossForward",
-    "NonFiniteLossError", "Trainer", "format_summary", "run_and_report",
+    "EXIT_CORRUPT_DATA", "EXIT_NONFINITE", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_RUN_DIR_IN_USE", "INJECT_NAN_ENV",
+    "NonFiniteLossError", "TrainCounters", "Trainer", "format_summary", "injected_nan_step", "run_and_report",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -11,7 +12,7 @@ class PropertyColumn:
 
     column: str = ""
     name: str = ""
-    kind: str = "float"  # float | int | str
+    kind: Literal["float", "int", "str"] = "float"
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ValidationConfig:
 
 @dataclass
 class ShardConfig:
-    format: str = "lmdb"  # lmdb | webdataset
+    format: Literal["lmdb", "webdataset"] = "lmdb"
     workers: int = 1
     chunk_size: int = 2048  # raw records per unit of parallel (and resumable) work
     records_per_shard: int = 20000  # webdataset tar shards; ~10-100 MB each at MP-20 sizes

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+Preset = Literal["debug", "base", "large", "xl"]
+ConditionKind = Literal["scalar", "categorical", "chemical_system", "space_group"]
+# Sizes of the network that a preset gives unless set here (None: the preset's).
+PRESET_FIELDS = ("hidden", "num_layers", "num_rbf", "edge_hidden")
 
 
 @dataclass
 class ScoreNetConfig:
-    preset: str = "debug"  # debug | base | large | xl; explicit fields below override when > 0
-    hidden: int = 0
-    num_layers: int = 0
-    num_rbf: int = 0
-    edge_hidden: int = 0  # channels of the per-edge message (0 = the preset's, at most `hidden`)
+    preset: Preset = "debug"  # explicit sizes below (not None) override the preset's
+    hidden: int | None = None
+    num_layers: int | None = None
+    num_rbf: int | None = None
+    edge_hidden: int | None = None  # channels of the per-edge message (None: the preset's, at most `hidden`)
     cutoff: float = 7.0  # Å, MatterGen
     max_neighbors: int = 50  # MatterGen
-    backend: str = "torch"  # torch (reference, CPU) | triton (fused GPU)
+    # torch (reference, CPU) | triton (fused GPU) | any name given to
+    # `models.graph.register_message_passing_backend` (a registry, so not a fixed list here)
+    backend: str = "torch"
+
+    def __post_init__(self):
+        # Configs and model files written before these sizes were optional said 0 for "the preset's".
+        for key in PRESET_FIELDS:
+            if getattr(self, key) == 0:
+                setattr(self, key, None)
 
 
 @dataclass
@@ -22,7 +36,7 @@ class ConditionConfig:
     """One property the model is conditioned on."""
 
     name: str = ""
-    kind: str = "scalar"  # scalar | categorical | chemical_system | space_group
+    kind: ConditionKind = "scalar"
     num_classes: int = 0  # categorical only
 
 
@@ -47,3 +61,11 @@ class ModelConfig:
     conditions: list[ConditionConfig] = field(default_factory=list)
     condition_dropout: float = 0.2
     adapters: bool = False
+
+
+def validate_model(model: ModelConfig, fail) -> None:
+    """What the types cannot check; `fail(key, message)` makes the exception to raise."""
+    for key in PRESET_FIELDS:
+        value = getattr(model.score_net, key)
+        if value is not None and value < 1:
+            raise fail(f"model.score_net.{key}", f"must be >= 1, or null for the preset's, got {value}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -16,7 +17,8 @@ class SampleConfig:
     coord_snr: float = 0.4  # MatterGen Langevin corrector
     lattice_snr: float = 0.2
     eta: float = 1.0  # predictor noise: 1 = ancestral (MatterGen), 0 = deterministic DDIM step
-    predictor: str = "ancestral"  # ancestral (MatterGen; `eta` applies) | heun (2nd-order ODE step, 2 evaluations)
+    # ancestral (MatterGen; `eta` applies) | heun (2nd-order ODE step, 2 evaluations)
+    predictor: Literal["ancestral", "heun"] = "ancestral"
     time_power: float = 1.0  # time grid t_i = eps + (1 - eps)(1 - i/(S-1))^power; 1 = uniform (MatterGen)
     guidance_scale: float = 1.0  # classifier-free guidance gamma; 1 = conditional only
     num_atoms: int = 0  # 0 = drawn from the training histogram
