@@ -82,6 +82,20 @@ def read_model_file(path: str | os.PathLike, map_location="cpu") -> dict:
     return payload
 
 
+# Parts added to the architecture after models were saved, zero-initialised so that a model without
+# them computes exactly what it did: a saved model that lacks them loads with their zeros.
+ZERO_INITIALISED_ADDITIONS = ("score_net.type_adapter.",)
+
+
+def with_zero_additions(model: CrystalDiffusion, state: dict) -> dict:
+    """`state` plus the zero-initialised parts it predates (see ZERO_INITIALISED_ADDITIONS)."""
+    own = model.state_dict()
+    missing = {k: own[k] for k in own if k not in state and k.startswith(ZERO_INITIALISED_ADDITIONS)}
+    if any(v.count_nonzero() for v in missing.values()):
+        raise ValueError(f"{sorted(missing)[:3]} should start at zero")
+    return {**state, **missing}
+
+
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[CrystalDiffusion, ModelConfig, dict]:
     """Rebuild a saved model in eval mode; returns (model, config, stats)."""
     payload = read_model_file(path, map_location)
@@ -91,7 +105,7 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[CrystalDiff
     float_dtypes = {v.dtype for v in payload["state_dict"].values() if v.is_floating_point()}
     if len(float_dtypes) == 1:  # keep the stored precision (e.g. a float64 model)
         model.to(dtype=float_dtypes.pop())
-    model.load_state_dict(payload["state_dict"], strict=True)
+    model.load_state_dict(with_zero_additions(model, payload["state_dict"]), strict=True)
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     model.eval()
     return model, cfg, stats

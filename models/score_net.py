@@ -145,6 +145,7 @@ class ScoreNetwork(nn.Module):
             [PaiNNLayer(hidden, num_rbf, edge_hidden, cfg.backend, vector_input=i > 0) for i in range(num_layers)]
         )
         self.adapters: nn.ModuleList | None = None
+        self.type_adapter: nn.Linear | None = None
         # Recompute each layer in the backward pass instead of keeping its per-edge activations
         # (the large presets' memory); `train.activation_checkpointing` switches it on
         # (`xtalgen.train.parallelize.apply_activation_checkpointing`). Results are identical.
@@ -187,11 +188,17 @@ class ScoreNetwork(nn.Module):
             nn.init.zeros_(adapter[-1].weight)
             nn.init.zeros_(adapter[-1].bias)
         self.adapters = adapters
+        # A direct path from the properties to the element logits (zero-initialised like the rest):
+        # a condition that names elements (a chemical system) then reaches the type head in one
+        # linear map instead of through every layer.
+        self.type_adapter = nn.Linear(self.hidden, NUM_ELEMENTS).to(device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(self.type_adapter.weight)
+        nn.init.zeros_(self.type_adapter.bias)
 
     def finetune_parameters(self) -> list[nn.Parameter]:
         """Parameters trained when the base is frozen: adapters and property embeddings."""
         params = []
-        for module in (self.adapters, self.conditioning):
+        for module in (self.adapters, self.type_adapter, self.conditioning):
             if module is not None:
                 params.extend(module.parameters())
         return params
@@ -251,6 +258,8 @@ class ScoreNetwork(nn.Module):
 
         s = self.final_norm(s)
         type_logits = self.type_head(s)  # (N, 100)
+        if self.type_adapter is not None:
+            type_logits = type_logits + self.type_adapter(props)[batch_index]
         coord_vectors = self.coord_out(v * self.coord_gate(s)[:, None, :]).squeeze(-1)  # (N, 3)
         lattice_matrix = self._lattice_readout(s, rbf, unit_geom, source, target, batch_index, num_structures)
         lattice_matrix = lattice_matrix + self._cell_term(s, cond, lattice, num_atoms, batch_index)

@@ -318,3 +318,21 @@ def test_periodic_sampling_during_finetuning_reports_adherence(base, shards, tmp
     made = [row["formula"] for row in table]
     expected = sum(sorted({el for el in __import__("pymatgen.core", fromlist=["Composition"]).Composition(f).chemical_system.split("-")}) == ["Ba", "O", "Ti"] for f in made) / len(made)
     assert rates[0] == pytest.approx(expected)
+
+
+def test_a_model_saved_before_the_type_adapter_loads_as_it_was(tuned, tmp_path, shards):
+    """The element-logit adapter came later, zero-initialised: a file without it loads with its zeros and
+    gives the predictions of the same file with explicit zeros; non-zero weights would be refused."""
+    payload = torch.load(tuned, weights_only=True)
+    payload["state_dict"]["score_net.type_adapter.weight"].zero_()
+    payload["state_dict"]["score_net.type_adapter.bias"].zero_()
+    explicit = tmp_path / "explicit.pt"
+    torch.save(payload, explicit)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "type_adapter" not in k}
+    older = tmp_path / "older.pt"
+    torch.save(payload, older)
+    (a, _, _), (b, _, _) = load_model(explicit), load_model(older)
+    x, t = _noisy_batch(a, shards, seed=2)
+    gap = {"dft_band_gap": torch.full((t.shape[0],), 1.0)}
+    with torch.no_grad():
+        assert torch.equal(a.predict(x, t, gap).type_logits, b.predict(x, t, gap).type_logits)

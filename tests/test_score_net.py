@@ -233,7 +233,7 @@ def test_adapters_reproduce_the_base_model_bit_for_bit(mixed_structures):
     tuned = _net(ScoreNetConfig(preset="debug"), seed=1, conditions=CONDITIONS, adapters=True)
     result = tuned.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys
-    assert result.missing_keys and all(k.startswith(("adapters.", "conditioning.")) for k in result.missing_keys)
+    assert result.missing_keys and all(k.startswith(("adapters.", "type_adapter.", "conditioning.")) for k in result.missing_keys)
     out = _run(tuned, batch, conditions=_finetune_inputs(batch))
     for field in ("type_logits", "coord_vectors", "lattice_matrix"):
         assert torch.equal(getattr(out, field), getattr(reference, field)), field
@@ -252,7 +252,7 @@ def test_adapters_reproduce_the_base_model_bit_for_bit(mixed_structures):
 def test_freeze_base_trains_only_adapters_and_property_embeddings(mixed_structures):
     batch = jitter(flat_batch(mixed_structures), 0.02, torch.Generator().manual_seed(6))
     net = _net(conditions=CONDITIONS, adapters=True).train()
-    base_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith(("adapters", "conditioning"))}
+    base_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith(("adapters", "type_adapter", "conditioning"))}
     trainable = net.freeze_base()
     assert {id(p) for p in trainable} == {id(p) for p in net.parameters() if p.requires_grad}
     assert sum(p.numel() for p in trainable) < count_parameters(net)

@@ -143,7 +143,9 @@ def consolidated_model(source: str | Path, use_ema: bool = True):
     info = json.loads((run_dir / "run.json").read_text())
     stats = info["stats"]
     model = build_model(cfg.model, stats)
-    model.load_state_dict(consolidated_state_dict(checkpoint_dir, use_ema), strict=True)
+    from xtalgen.models.io import with_zero_additions
+
+    model.load_state_dict(with_zero_additions(model, consolidated_state_dict(checkpoint_dir, use_ema)), strict=True)
     model.eval()
     step = int(ckpt.load_rank_state(checkpoint_dir, 0)["step"])
     extra = {"step": step, "weights": "ema" if use_ema else "raw", "checkpoint": str(checkpoint_dir),

@@ -35,7 +35,7 @@ from xtalgen.train.trainer import Trainer, sha256_file
 log = logging.getLogger("xtalgen.train")
 
 BASE_FILE = "base.pt"  # a run-directory base, consolidated (EMA weights) into the fine-tuning run
-ADAPTED_PREFIXES = ("score_net.adapters.", "score_net.conditioning.")  # what the base does not have
+ADAPTED_PREFIXES = ("score_net.adapters.", "score_net.type_adapter.", "score_net.conditioning.")  # what the base does not have
 QUANTILES_KEY = "property_quantiles"  # same key as xtalgen.sampling.conditions reads
 
 
