@@ -262,18 +262,21 @@ def chemical_system(args, work: Path) -> None:
     sets = {s: sample_call(args, model, work / f"samples_chemsys_{s}", "--condition", f"chemical_system={s}",
                            "--guidance", "2", count=per_target) for s in unseen}
     run_all(args.jobs, list(sets.values()))
-    total_hits = total = 0
+    total_hits = total = total_inside = 0
     for system, call in sets.items():
         rows, structures = read_samples(Path(call[3]))
         made = ["-".join(sorted({e.symbol for e in s.composition.elements})) for s in structures]
         hits = sum(m == system for m in made)
-        total_hits, total = total_hits + hits, total + len(made)
+        inside = sum(set(m.split("-")) <= set(system.split("-")) for m in made)  # no element not asked for
+        total_hits, total, total_inside = total_hits + hits, total + len(made), total_inside + inside
         emit(work, {"benchmark": "finetune_chemical_system", "trained_on": "val.csv", "system": system,
                     "in_val": False, "count": len(made), "exact": hits, "fraction": round(hits / len(made), 4),
+                    "only_requested_elements": inside,
                     "most_common_made": Counter(made).most_common(2), "physical_rate": round(physical_rate(rows), 4)})
     emit(work, {"benchmark": "finetune_chemical_system", "trained_on": "val.csv", "system": "all", "targets": len(sets),
                 "count": total, "exact": total_hits, "fraction": round(total_hits / total, 4),
-                "fraction_95ci": wilson(total_hits, total), "guidance": 2, "steps": args.steps})
+                "fraction_95ci": wilson(total_hits, total), "only_requested_elements": total_inside,
+                "guidance": 2, "steps": args.steps, "lr": args.lr})
 
 
 # --- space group -------------------------------------------------------------------------------------------

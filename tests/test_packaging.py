@@ -48,3 +48,6 @@ def test_non_editable_install_imports_every_package(tmp_path):
     assert out.stdout.count(str(target)) == len(names), out.stdout  # not the editable checkout
     presets = {p.name for p in (target / "xtalgen" / "configs").glob("*.yaml")}
     assert {"debug.yaml", "base.yaml", "large.yaml", "xl.yaml"} <= presets
+    recipes = {p.name for p in (target / "xtalgen" / "configs" / "finetune").glob("*.yaml")}
+    shipped = {p.name for p in (Path(__file__).parents[1] / "configs" / "finetune").glob("*.yaml")}
+    assert recipes == shipped and "dft_band_gap.yaml" in recipes  # `xtalgen finetune BASE dft_band_gap` works
