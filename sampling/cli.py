@@ -14,6 +14,7 @@ EPILOG = """examples:
   xtalgen sample model.pt --out samples --num-samples 1000 --batch-size 64
   xtalgen sample runs/mp20/checkpoints/latest --out samples   # EMA weights of a run's latest checkpoint
   xtalgen sample runs/mp20 --out gap3 --condition dft_band_gap=3.0 --guidance 2.0
+  xtalgen sample gap.pt --out wide --condition 'dft_band_gap>=3' --guidance 2.0   # a range target
   xtalgen sample model.pt --out licoo --condition chemical_system=Li-Co-O --num-atoms 12
   xtalgen sample model.pt --out fast --steps 50 sample.coord_snr=0.8 sample.time_power=2   # few steps
   torchrun --nproc-per-node 4 -m xtalgen.cli sample model.pt --out big --num-samples 100000
@@ -54,7 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 1.0)")
     parser.add_argument("--num-atoms", type=int, help="atoms per structure (default: from the training histogram)")
     parser.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
-                        help="property to condition on; repeatable")
+                        help="property to condition on, repeatable: NAME=VALUE, or for a scalar a range "
+                             "'NAME>=X', 'NAME<=X', NAME=LOW..HIGH (targets drawn from the fine-tuning data in it)")
     parser.add_argument("--seed", type=int, help="base seed (default 0); batch b draws from seed (seed, b)")
     parser.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--rank", type=int, help="this process's rank (default: RANK or SLURM_PROCID)")
