@@ -283,7 +283,8 @@ def chemical_system(args, work: Path) -> None:
 def space_group(args, work: Path) -> None:
     import pandas as pd
     from pymatgen.core import Structure
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from xtalgen.evaluation.properties import space_group_number as number  # the evaluator's judge
 
     shard_dir = shards(args, work, "reader.compute_space_group=true")
     run_dir = work / "spacegroup"
@@ -291,12 +292,6 @@ def space_group(args, work: Path) -> None:
     if call:
         xtalgen(*call)
     model = model_of(run_dir)
-
-    def number(structure) -> int | None:
-        try:
-            return SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_number()
-        except Exception:  # spglib gives up on a degenerate cell: no space group
-            return None
 
     frame = pd.read_csv(SHARED_DATA / args.dataset / "test.csv")
     test = Counter(number(Structure.from_str(c, fmt="cif")) for c in frame["cif"])

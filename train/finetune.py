@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from xtalgen.sampling.conditions import QUANTILES_KEY  # where range targets read the distribution
 from xtalgen.schema import Config, ConfigError, ModelConfig
 from xtalgen.train.distributed import barrier, init_distributed, stop_together
 from xtalgen.train.trainer import Trainer, sha256_file
@@ -36,7 +37,6 @@ log = logging.getLogger("xtalgen.train")
 
 BASE_FILE = "base.pt"  # a run-directory base, consolidated (EMA weights) into the fine-tuning run
 ADAPTED_PREFIXES = ("score_net.adapters.", "score_net.type_adapter.", "score_net.conditioning.")  # what the base does not have
-QUANTILES_KEY = "property_quantiles"  # same key as xtalgen.sampling.conditions reads
 
 
 @dataclass
