@@ -357,3 +357,27 @@ def test_model_info_cli_prints_real_counts():
         assert f"{preset_parameter_count(name):,}" in text and name in text
     with redirect_stdout(io.StringIO()):
         assert cli_main(["model", "info", "--preset", "nope"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_radial_basis_has_no_subnormal_entries_and_is_the_gaussian_elsewhere(dtype):
+    """Subnormal entries make CPU exp() and the filter matmul many times slower; they become 0,
+    and every other entry is exp(-γ (d - μ)²) times the cutoff envelope, as before."""
+    from xtalgen.models.layers import GaussianRBF, cosine_cutoff
+
+    rbf_layer = GaussianRBF(num_rbf=32, cutoff=7.0)
+    dist = torch.linspace(0.0, 7.5, 2001).to(dtype)
+    got = rbf_layer(dist).double()  # (E, K)
+    d64, centres = dist.double(), rbf_layer.centers.to(dtype).double()
+    exact = torch.exp(-rbf_layer.gamma * (d64[:, None] - centres) ** 2) * cosine_cutoff(d64, 7.0)[:, None]
+    tiny = torch.finfo(dtype).tiny
+    assert not ((got != 0) & (got.abs() < tiny)).any()
+    assert (got[exact < tiny / 2] == 0).all()
+    if dtype == torch.bfloat16:  # its own arithmetic is too coarse for a value comparison
+        return
+    assert (got == 0).float().mean() > (0.3 if dtype == torch.float32 else 0.0)
+    # Exponents up to 69 (float32's exp is good to ~70 ulp there), and away from the cutoff, where
+    # the envelope's 1 + cos cancels.
+    compared = (exact > 1e-30) & (d64 < 6.5)[:, None]
+    rel = ((got - exact) / exact)[compared].abs()
+    assert rel.max() < (1e-4 if dtype == torch.float32 else 1e-12)
