@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
@@ -153,6 +154,7 @@ def relax_batched(
         return relax_result(structure, relaxed, observer.energies, steps, magmoms)
 
     def worker() -> None:
+        torch.set_flush_denormal(True)  # a per-thread CPU flag: the model runs in these threads (see cpu_threads)
         try:
             while True:
                 try:
