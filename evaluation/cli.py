@@ -17,6 +17,7 @@ EPILOG = """examples:
   xtalgen evaluate samples --reference train.csv --test-split test.csv --dataset perov_5 --out eval
   xtalgen evaluate cifs/ --out eval --workers 2 evaluate.relax_steps=300  # dotted config overrides
   xtalgen evaluate cifs/ --out eval --max-relax-atoms 500                 # also relax cells of up to 500 atoms
+  xtalgen evaluate samples --reference shards/mp20 --out eval relax_screen_fmax=0.1  # two-pass: see README
   xtalgen evaluate samples --out eval evaluate.elemental_reference=mp_elemental_entries.json.gz
   xtalgen data download mp_hull --out data/mp_hull                       # Materials Project entries
   xtalgen evaluate samples --reference shards/mp20 --hull data/mp_hull --out eval   # hull of MP compounds
@@ -41,8 +42,9 @@ stable; a rerun into the same --out with a larger limit relaxes just those.
 CSV_FIRST_COLUMNS = [
     "id", "not_evaluated", "not_evaluated_detail", "formula", "chemical_system", "num_atoms", "num_elements", "valid", "struct_valid",
     "struct_reason", "physical_cell", "volume_per_atom", "struct_valid_cdvae", "comp_valid", "min_distance",
-    "volume", "density", "space_group", "relaxed", "relax_converged", "relax_steps", "relax_failure",
-    "relax_error", "rmsd", "energy_per_atom", "e_above_hull",
+    "volume", "density", "space_group", "relaxed", "relax_converged", "relax_steps", "refined", "relax_fmax_reached",
+    "relax_failure", "relax_error", "rmsd", "energy_per_atom", "e_above_hull", "screen_energy_per_atom",
+    "screen_e_above_hull",
     "formation_energy_per_atom", "stable", "on_or_below_hull", "unique", "duplicate_of", "novel", "sun",
     "hhi_score", "mag_density",
 ]
@@ -212,9 +214,14 @@ def run_evaluation(
 
 def _check_resume_settings(out: Path, cfg, band: tuple[float, float]) -> None:
     """The per-structure log is reused on a rerun; refuse to mix results made with other settings."""
+    from xtalgen.evaluation.pipeline import two_pass_relaxation
     from xtalgen.schema import ConfigError
 
     settings = {k: getattr(cfg, k) for k in ("potential", "relax", "relax_steps", "relax_fmax", "symprec")}
+    # Absent in one pass, so that a one-pass --out written before resumes. The refinement window and
+    # the threshold may change: a rerun refines whatever is then due (and keeps what was refined).
+    if cfg.relax and two_pass_relaxation(cfg):
+        settings["relax_screen_fmax"] = cfg.relax_screen_fmax
     settings["physical_volume_per_atom_band"] = [round(float(b), 6) for b in band]
     path = out / "settings.json"
     if path.exists() and (out / "per_structure.jsonl").exists():
@@ -319,6 +326,10 @@ def summary_lines(summary: dict) -> list[str]:
         failed = ", ".join(f"{reason} {count}" for reason, count in reasons.items())
         lines.append(f"  relaxed {summary['relaxed_count']} of {n} (converged {pct('relax_converged_rate')}); "
                      f"not relaxed {summary.get('relax_failures', 0)}" + (f": {failed}" if failed else ""))
+        if summary.get("relax_mode") == "two-pass":
+            lines.append(f"  two-pass relaxation: all to fmax {summary['relax_screen_fmax']} eV/Å, then "
+                         f"{summary['refined_count']} with e_above_hull < {summary['refine_below_e_above_hull']:.3g} "
+                         f"eV/atom to fmax {summary.get('relax_fmax')} eV/Å (`refined` in per_structure.csv)")
         lines.append(f"  RMSD generated -> relaxed (Å): median {num(summary.get('rmsd_median'))}  "
                      f"p90 {num(summary.get('rmsd_p90'))}  max {num(summary.get('rmsd_max'))}  "
                      f"mean {num(summary.get('mean_rmsd'))}")

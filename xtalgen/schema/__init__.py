@@ -26,7 +26,7 @@ from xtalgen.schema.data import (
     ValidationConfig,
 )
 from xtalgen.schema.model import ConditionConfig, DiffusionConfig, ModelConfig, ScoreNetConfig, validate_model
-from xtalgen.schema.sample import EvaluateConfig, SampleConfig
+from xtalgen.schema.sample import EvaluateConfig, SampleConfig, validate_evaluate
 from xtalgen.schema.train import FinetuneConfig, OptimConfig, TrainConfig, WandbConfig, validate_train
 
 __all__ = [
@@ -121,6 +121,7 @@ def validate(cfg: Config) -> None:
 
     validate_model(cfg.model, fail)
     validate_train(cfg.train, fail)
+    validate_evaluate(cfg.evaluate, fail)
 
 
 def _without_retired_keys(node: DictConfig) -> DictConfig:
