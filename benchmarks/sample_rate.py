@@ -2,6 +2,7 @@
 
     python benchmarks/sample_rate.py build/quality/perov_5/model.pt --steps 50 --batch-sizes 64,256
     python benchmarks/sample_rate.py MODEL --corrector-steps 0      # predictor only (1 evaluation a step)
+    python benchmarks/sample_rate.py MODEL --compile                # sample.compile: inductor-compiled layers
 
 Runs `xtalgen.models.sampler.sample` end to end (numbers of atoms from the model's histogram, seed
 0), so the cost includes the radius graph of every state the trained model passes through. Also
@@ -26,14 +27,23 @@ def main() -> int:
     parser.add_argument("--corrector-steps", type=int, default=1)
     parser.add_argument("--batch-sizes", default="16,64,256")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the layers first (sample.compile); the compilation is timed apart")
     args = parser.parse_args()
 
     import xtalgen.models.graph as graph
     from xtalgen.models.io import load_model
     from xtalgen.models.sampler import sample, sample_num_atoms
+    from xtalgen.models.score_net import compile_layers
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)[0].eval()
+    compile_seconds = None
+    if args.compile:
+        compile_layers(model.score_net)
+        start = time.perf_counter()  # the first call compiles: one short run, timed on its own
+        sample(model, sample_num_atoms(model.stats, 8, torch.Generator().manual_seed(1)), num_steps=2)
+        compile_seconds = round(time.perf_counter() - start, 1)
     graph_seconds = [0.0]
     select_edges = graph._select_edges
 
@@ -56,6 +66,7 @@ def main() -> int:
         print(json.dumps({
             "benchmark": "sample_rate", "model": args.model, "steps": args.steps,
             "corrector_steps": args.corrector_steps, "threads": args.threads, "batch_size": batch,
+            "compiled": args.compile, "compile_seconds": compile_seconds,
             "atoms": int(num_atoms.sum()), "seconds": round(seconds, 2),
             "structures_per_s": round(batch / seconds, 3), "cpu_seconds": round(cpu_seconds, 2),
             "structures_per_cpu_s": round(batch / cpu_seconds, 3), "graph_fraction": round(graph_seconds[0] / seconds, 3),

@@ -113,6 +113,8 @@ def request_record(cfg: SampleConfig, conditions: dict[str, ConditionRequest], c
     """
     record = asdict(cfg)
     record.pop("out", None)
+    if not record.get("compile"):  # eager, as every run before the option: those still resume
+        record.pop("compile", None)
     record["checkpoint"] = str(checkpoint)
     record["model_sha256"] = file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else ""
     record["conditions"] = request_to_json(conditions)
@@ -235,6 +237,10 @@ def sample_to_directory(
         already = sum(len(plan.batch_indices(b)) for b in mine if b in done)
 
         model = model.to(device).eval()
+        if cfg.compile and todo:
+            from xtalgen.models.score_net import compile_layers
+
+            compile_layers(model.score_net)  # compiles at the first batch (progress bar: its first update)
         band = physical_band(stats["mean_density"]) if stats.get("mean_density") else None
         start = time.perf_counter()
         made = unphysical = 0

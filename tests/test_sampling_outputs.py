@@ -252,6 +252,18 @@ def test_resume_refuses_a_different_request(tmp_path):
     check_or_write_request(tmp_path, {"num_samples": 8, "seed": 0, "path": "b"}, informational=["path"])
 
 
+def test_compiled_and_eager_runs_do_not_resume_each_other_and_older_eager_runs_still_resume(tmp_path):
+    from xtalgen.sampling.driver import request_record
+    from xtalgen.schema import SampleConfig
+
+    eager, compiled = request_record(SampleConfig(), {}, ""), request_record(SampleConfig(compile=True), {}, "")
+    assert "compile" not in eager  # the request of a run made before `sample.compile` existed
+    check_or_write_request(tmp_path, eager)
+    with pytest.raises(ValueError, match="compile: None -> True"):
+        check_or_write_request(tmp_path, compiled)
+    check_or_write_request(tmp_path, eager)
+
+
 def test_degenerate_lattices_are_recorded_not_fatal(tmp_path):
     """An untrained model can return NaN or collapsed cells: the run records them and goes on."""
     lattice = np.stack([np.full((3, 3), np.nan), np.zeros((3, 3)), 4.0 * np.eye(3)])  # (3, 3, 3)

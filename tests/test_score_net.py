@@ -381,3 +381,20 @@ def test_radial_basis_has_no_subnormal_entries_and_is_the_gaussian_elsewhere(dty
     compared = (exact > 1e-30) & (d64 < 6.5)[:, None]
     rel = ((got - exact) / exact)[compared].abs()
     assert rel.max() < (1e-4 if dtype == torch.float32 else 1e-12)
+
+
+def test_compiled_layers_match_the_eager_network_for_every_graph_size(mixed_structures):
+    """`sample.compile`: inductor-compiled layers give the eager outputs to float32 rounding, for
+    batches whose atom and edge counts differ (one dynamic compilation serves them all)."""
+    from xtalgen.models.score_net import compile_layers
+
+    torch._dynamo.reset()
+    eager = _net(SMALL, dtype=torch.float32)
+    compiled = compile_layers(_net(SMALL, dtype=torch.float32))
+    for structures in (mixed_structures[:2], mixed_structures):
+        batch = jitter(flat_batch(structures), 0.02, torch.Generator().manual_seed(3))
+        batch = replace(batch, frac_coords=batch.frac_coords.float(), lattice=batch.lattice.float())
+        with torch.no_grad():
+            want, got = _run(eager, batch), _run(compiled, batch)
+        for name in ("type_logits", "coord_vectors", "lattice_matrix"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5, msg=name)

@@ -25,6 +25,10 @@ class SampleConfig:
     num_atoms: int = 0  # 0 = drawn from the training histogram
     conditions: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    # torch.compile the score network's layers (`models.score_net.compile_layers`): ~2x faster per
+    # structure on CPU after a one-time compilation of 10-60 s; samples then agree with the eager
+    # run's in distribution, not bit for bit. Worth it from a few hundred structures on.
+    compile: bool = False
 
 
 @dataclass
