@@ -16,7 +16,7 @@ EPILOG = """examples:
   xtalgen sample runs/mp20 --out gap3 --condition dft_band_gap=3.0 --guidance 2.0
   xtalgen sample gap.pt --out wide --condition 'dft_band_gap>=3' --guidance 2.0   # a range target
   xtalgen sample model.pt --out licoo --condition chemical_system=Li-Co-O --num-atoms 12
-  xtalgen sample model.pt --out fast --steps 50 sample.coord_snr=0.8 sample.time_power=2   # few steps
+  xtalgen sample model.pt --out fast --steps 50 sample.coord_snr=0.8 sample.time_power=2 sample.corrector_steps=2   # few steps
   xtalgen sample model.pt --out many --num-samples 5000 --batch-size 64 sample.compile=true   # compiled layers
   torchrun --nproc-per-node 4 -m xtalgen.cli sample model.pt --out big --num-samples 100000
   xtalgen sample --merge big                          # union of the rank parts, if a rank was lost
