@@ -67,9 +67,9 @@ class GaussianRBF(nn.Module):
         # filter matmul over it the largest costs of sampling a small model. They are exactly 0
         # here instead, a change of less than 1.2e-38 per entry.
         tiny = torch.finfo(dist.dtype).tiny
-        underflow = exponent > -math.log(tiny)
-        rbf = torch.exp(-exponent.clamp(max=-math.log(tiny))).masked_fill(underflow, 0.0) * envelope[:, None]
-        return rbf.masked_fill(rbf < tiny, 0.0)
+        limit = -math.log(tiny)  # exp(-limit) = tiny; the clamp keeps exp() itself off subnormals
+        rbf = torch.exp(-exponent.clamp(max=limit)) * envelope[:, None]
+        return rbf.masked_fill((exponent >= limit) | (rbf < tiny), 0.0)
 
 
 def cosine_cutoff(dist: Tensor, cutoff: float) -> Tensor:
