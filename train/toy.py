@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from xtalgen.schema import load_config
-    from xtalgen.train.distributed import init_distributed
+    from xtalgen.train.distributed import init_distributed, shutdown_distributed_at_exit
     from xtalgen.train.memory_loader import InMemoryLoader
     from xtalgen.train.trainer import Trainer, run_and_report
 
@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     loader = InMemoryLoader(records, cfg.train.micro_batch_structures, dist_info.rank,
                             dist_info.world_size, seed=cfg.train.seed)
     trainer = Trainer(cfg, model, loader, dist_info=dist_info, stats={"toy": True})
-    return run_and_report(trainer)
+    code = run_and_report(trainer)
+    # A finished run: every rank has left its collectives, so the gloo group can go at exit (a
+    # group left alive can abort the process at interpreter shutdown, exit -6 instead of 0).
+    shutdown_distributed_at_exit()
+    return code
 
 
 if __name__ == "__main__":
