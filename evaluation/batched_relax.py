@@ -25,6 +25,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from xtalgen.evaluation.cell_maths import speed_up_cell_filter
 from xtalgen.evaluation.physical import check_relaxation_volume, volume_per_atom
 from xtalgen.evaluation.relax_result import RelaxResult, relax_result
 
@@ -144,7 +145,7 @@ def relax_batched(
         step = (lambda: on_step(position)) if on_step is not None else None
         atoms.calc = _BatchedCalculator(batcher, stress_weight, volume_per_atom(structure), step)
         observer = TrajectoryObserver(atoms)
-        optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
+        optimizer = FIRE(speed_up_cell_filter(FrechetCellFilter(atoms)) if relax_cell else atoms, logfile=None)
         optimizer.attach(observer, interval=1)
         optimizer.run(fmax=fmax, steps=steps)
         observer()

@@ -1,7 +1,8 @@
 """Relaxation with a machine-learning interatomic potential, chosen by name from a registry.
 
 `chgnet` (the default) ships its weights in its wheel and relaxes with its own
-`chgnet.model.StructOptimizer` (FIRE + FrechetCellFilter). Other potentials plug in by name:
+`chgnet.model.StructOptimizer` (FIRE + FrechetCellFilter; every FrechetCellFilter made here gets
+cell_maths' fast 3x3 matrix functions). Other potentials plug in by name:
 `mace` (mace-torch's `mace_mp`) and `mattersim` are registered when their packages are installed,
 and `register_potential` adds any ASE calculator. `relax_many` runs a list of structures over a
 pool of processes, each loading the potential once, and yields results as they finish so that the
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from pymatgen.core import Structure
 
+from xtalgen.evaluation.cell_maths import frechet_cell_filter, speed_up_cell_filter
 from xtalgen.evaluation.physical import check_relaxation_volume, volume_per_atom
 from xtalgen.evaluation.relax_result import RelaxResult, displacement_rmsd, relax_result
 
@@ -92,6 +94,9 @@ class CHGNetPotential(Potential):
             self.optimizer = StructOptimizer(model=self.calculator)
         self.batch_size = batch_size
         self.threads = threads
+        # CHGNet's default filter with cell_maths' fast 3x3 functions, where relax takes a filter (0.4.2 does).
+        takes_filter = "ase_filter" in inspect.signature(self.optimizer.relax).parameters
+        self._filter = {"ase_filter": frechet_cell_filter} if takes_filter else {}
 
     def energies_per_atom(self, structures: Sequence[Structure]) -> list[float]:
         if not structures:
@@ -113,7 +118,7 @@ class CHGNetPotential(Potential):
         try:
             with cpu_threads(self.threads):
                 output = self.optimizer.relax(
-                    structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False
+                    structure.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False, **self._filter
                 )
         finally:
             self.calculator.on_step = None
@@ -184,7 +189,7 @@ class ASECalculatorPotential(Potential):
         n_atoms = len(structure)
         with cpu_threads(self.threads):
             initial_energy = float(atoms.get_potential_energy()) / n_atoms
-            optimizer = FIRE(FrechetCellFilter(atoms) if relax_cell else atoms, logfile=None)
+            optimizer = FIRE(speed_up_cell_filter(FrechetCellFilter(atoms)) if relax_cell else atoms, logfile=None)
             start = volume_per_atom(structure)
             optimizer.attach(lambda: check_relaxation_volume(start, atoms.get_volume() / n_atoms), interval=1)
             if on_step is not None:
