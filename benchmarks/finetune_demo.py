@@ -20,6 +20,11 @@ step is an `xtalgen` command a user would type (printed before it runs):
   for the most common space groups of test.csv; the fraction with that space group (spglib,
   symprec 0.1).
 
+chemical_system and space_group sample at γ = 2 unless `--guidance` lists others (one result row
+per γ); `--steps`, `--sample-override KEY=VALUE` and `--tag` sample variants of one fine-tuned model
+into directories of their own, e.g.
+    python benchmarks/finetune_demo.py chemical_system --base B --guidance 1,1.5 --steps 200 --tag s200
+
 Each result is one JSON line on stdout, also in WORK/results.jsonl; plots go to WORK/*.png. A rerun
 resumes: finished fine-tunes and sample sets are kept.
 """
@@ -54,7 +59,8 @@ def main() -> int:
     parser.add_argument("--dataset", help="perov_5 (band_gap, chemical_system) or carbon_24 (space_group)")
     parser.add_argument("--work", help="working directory (default build/finetune/<dataset>)")
     parser.add_argument("--labels", default="500,1500,all", help="band_gap: subset sizes to fine-tune on")
-    parser.add_argument("--guidance", default="0,1,2,4", help="band_gap: guidance scales of the largest subset")
+    parser.add_argument("--guidance", help="guidance scales γ, comma-separated (band_gap: of the largest subset, "
+                                           "default 0,1,2,4; chemical_system and space_group: default 2)")
     parser.add_argument("--count", type=int, default=300, help="samples per set")
     parser.add_argument("--targets", type=int, default=8, help="chemical systems or space groups asked for")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
@@ -62,7 +68,14 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-2,
                         help="fine-tuning learning rate (adapters start at zero and need a large one)")
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one thread each)")
+    parser.add_argument("--sample-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="chemical_system, space_group: an extra sampler setting (repeatable), e.g. "
+                             "sample.corrector_steps=2; sample sets are then kept apart by --tag")
+    parser.add_argument("--tag", default="", help="suffix of the sample directories and results of this variant")
     args = parser.parse_args()
+    if args.task != "band_gap" and (args.sample_override or args.steps != 50) and not args.tag:
+        parser.error("--sample-override and --steps need a --tag (the sample directories of another setting are kept)")
+    args.guidance = args.guidance or ("0,1,2,4" if args.task == "band_gap" else "2")
     args.dataset = args.dataset or ("carbon_24" if args.task == "space_group" else "perov_5")
     work = Path(args.work or REPO / "build" / "finetune" / args.dataset)
     work.mkdir(parents=True, exist_ok=True)
@@ -114,6 +127,19 @@ def model_of(run_dir: Path) -> Path:
 def sample_call(args, model: Path, out: Path, *extra: str, count: int | None = None) -> tuple:
     return ("sample", str(model), "--out", str(out), "--num-samples", str(count or args.count), "--batch-size", "50",
             "--steps", str(args.steps), "--no-progress", *FEW_STEPS, *extra)
+
+
+def variant_sets(args, work: Path, prefix: str, model: Path, targets: list, condition) -> dict:
+    """Sample calls keyed by (target, γ) for each γ of `--guidance`. The directory of γ = 2 with the
+    default sampler keeps its plain name (`prefix_target`), so earlier results are reused."""
+    sets = {}
+    for gamma in [g.strip() for g in args.guidance.split(",")]:
+        suffix = "" if gamma == "2" and not args.tag else f"_g{gamma}" + (f"_{args.tag}" if args.tag else "")
+        for target in targets:
+            sets[target, gamma] = sample_call(args, model, work / f"{prefix}_{target}{suffix}",
+                                              "--condition", condition(target), "--guidance", gamma,
+                                              *args.sample_override, count=max(1, args.count // len(targets)))
+    return sets
 
 
 def read_samples(out: Path) -> tuple[list[dict], list]:
@@ -258,25 +284,26 @@ def chemical_system(args, work: Path) -> None:
 
     seen, test = systems("val.csv"), systems("test.csv")
     unseen = sorted((s for s in test if s not in seen), key=lambda s: (-test[s], s))[: args.targets]
-    per_target = max(1, args.count // len(unseen))
-    sets = {s: sample_call(args, model, work / f"samples_chemsys_{s}", "--condition", f"chemical_system={s}",
-                           "--guidance", "2", count=per_target) for s in unseen}
+    sets = variant_sets(args, work, "samples_chemsys", model, unseen, lambda s: f"chemical_system={s}")
     run_all(args.jobs, list(sets.values()))
-    total_hits = total = total_inside = 0
-    for system, call in sets.items():
-        rows, structures = read_samples(Path(call[3]))
-        made = ["-".join(sorted({e.symbol for e in s.composition.elements})) for s in structures]
-        hits = sum(m == system for m in made)
-        inside = sum(set(m.split("-")) <= set(system.split("-")) for m in made)  # no element not asked for
-        total_hits, total, total_inside = total_hits + hits, total + len(made), total_inside + inside
-        emit(work, {"benchmark": "finetune_chemical_system", "trained_on": "val.csv", "system": system,
-                    "in_val": False, "count": len(made), "exact": hits, "fraction": round(hits / len(made), 4),
-                    "only_requested_elements": inside,
-                    "most_common_made": Counter(made).most_common(2), "physical_rate": round(physical_rate(rows), 4)})
-    emit(work, {"benchmark": "finetune_chemical_system", "trained_on": "val.csv", "system": "all", "targets": len(sets),
-                "count": total, "exact": total_hits, "fraction": round(total_hits / total, 4),
-                "fraction_95ci": wilson(total_hits, total), "only_requested_elements": total_inside,
-                "guidance": 2, "steps": args.steps, "lr": args.lr})
+    for gamma in dict.fromkeys(g for _, g in sets):
+        total_hits = total = total_inside = 0
+        for system in unseen:
+            rows, structures = read_samples(Path(sets[system, gamma][3]))
+            made = ["-".join(sorted({e.symbol for e in s.composition.elements})) for s in structures]
+            hits = sum(m == system for m in made)
+            inside = sum(set(m.split("-")) <= set(system.split("-")) for m in made)  # no element not asked for
+            total_hits, total, total_inside = total_hits + hits, total + len(made), total_inside + inside
+            emit(work, {"benchmark": "finetune_chemical_system", "trained_on": "val.csv", "system": system,
+                        "in_val": False, "guidance": float(gamma), "tag": args.tag, "count": len(made),
+                        "exact": hits, "fraction": round(hits / len(made), 4), "only_requested_elements": inside,
+                        "most_common_made": Counter(made).most_common(2),
+                        "physical_rate": round(physical_rate(rows), 4)})
+        emit(work, {"benchmark": "finetune_chemical_system", "trained_on": "val.csv", "system": "all",
+                    "targets": len(unseen), "count": total, "exact": total_hits, "fraction": round(total_hits / total, 4),
+                    "fraction_95ci": wilson(total_hits, total), "only_requested_elements": total_inside,
+                    "guidance": float(gamma), "steps": args.steps, "sampler": args.sample_override, "tag": args.tag,
+                    "finetune_steps": args.finetune_steps, "lr": args.lr})
 
 
 # --- space group -------------------------------------------------------------------------------------------
@@ -296,27 +323,31 @@ def space_group(args, work: Path) -> None:
     frame = pd.read_csv(SHARED_DATA / args.dataset / "test.csv")
     test = Counter(number(Structure.from_str(c, fmt="cif")) for c in frame["cif"])
     groups = [g for g, _ in test.most_common() if g is not None][: args.targets]
-    per_target = max(1, args.count // len(groups))
-    sets = {g: sample_call(args, model, work / f"samples_sg_{g}", "--condition", f"space_group={g}",
-                           "--guidance", "2", count=per_target) for g in groups}
-    sets["base"] = sample_call(args, Path(args.base), work / "samples_sg_base", count=per_target * len(groups))
-    run_all(args.jobs, list(sets.values()))
-    base_rows, base_structures = read_samples(Path(sets["base"][3]))
+    sets = variant_sets(args, work, "samples_sg", model, groups, lambda g: f"space_group={g}")
+    base_dir = work / ("samples_sg_base" + (f"_{args.tag}" if args.tag else ""))
+    base_call = sample_call(args, Path(args.base), base_dir, *args.sample_override,
+                            count=max(1, args.count // len(groups)) * len(groups))
+    run_all(args.jobs, [*sets.values(), base_call])
+    base_rows, base_structures = read_samples(base_dir)
     base_groups = Counter(number(s) for s in base_structures)
-    total_hits = total = 0
-    for group in groups:
-        rows, structures = read_samples(Path(sets[group][3]))
-        made = [number(s) for s in structures]
-        hits = sum(m == group for m in made)
-        total_hits, total = total_hits + hits, total + len(made)
-        emit(work, {"benchmark": "finetune_space_group", "trained_on": "val.csv", "space_group": group,
-                    "count": len(made), "exact": hits, "fraction": round(hits / len(made), 4),
-                    "unconditional_fraction": round(base_groups[group] / len(base_structures), 4),
-                    "physical_rate": round(physical_rate(rows), 4)})
-    emit(work, {"benchmark": "finetune_space_group", "trained_on": "val.csv", "space_group": "all",
-                "targets": len(groups), "count": total, "exact": total_hits, "fraction": round(total_hits / total, 4),
-                "fraction_95ci": wilson(total_hits, total), "guidance": 2, "steps": args.steps, "symprec": 0.1})
-
+    for gamma in dict.fromkeys(g for _, g in sets):
+        total_hits = total = 0
+        for group in groups:
+            rows, structures = read_samples(Path(sets[group, gamma][3]))
+            made = [number(s) for s in structures]
+            hits = sum(m == group for m in made)
+            total_hits, total = total_hits + hits, total + len(made)
+            emit(work, {"benchmark": "finetune_space_group", "trained_on": "val.csv", "space_group": group,
+                        "guidance": float(gamma), "tag": args.tag, "count": len(made), "exact": hits,
+                        "fraction": round(hits / len(made), 4),
+                        "unconditional_fraction": round(base_groups[group] / len(base_structures), 4),
+                        "made": Counter(made).most_common(3), "physical_rate": round(physical_rate(rows), 4)})
+        emit(work, {"benchmark": "finetune_space_group", "trained_on": "val.csv", "space_group": "all",
+                    "targets": len(groups), "count": total, "exact": total_hits,
+                    "fraction": round(total_hits / total, 4), "fraction_95ci": wilson(total_hits, total),
+                    "unconditional_groups": base_groups.most_common(5), "guidance": float(gamma),
+                    "steps": args.steps, "sampler": args.sample_override, "tag": args.tag,
+                    "finetune_steps": args.finetune_steps, "lr": args.lr, "symprec": 0.1})
 
 if __name__ == "__main__":
     sys.exit(main())
