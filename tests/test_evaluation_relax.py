@@ -117,6 +117,49 @@ def test_batched_relaxation_follows_the_serial_trajectories(perov_val):
         assert batched[i].structure.lattice.abc == pytest.approx(serial[i].structure.lattice.abc, abs=1e-4)
 
 
+def test_one_pass_batch_prediction_is_chgnets_bit_for_bit(perov_val):
+    """batched_relax's predict_efsm (one backward pass for forces and stress) returns exactly what
+    CHGNet's predict_graph does, for a batch and for a single graph."""
+    import numpy as np
+
+    from xtalgen.evaluation.batched_relax import predict_efsm
+    from xtalgen.evaluation.relax import load_potential
+
+    structures = _perov(perov_val, [1, 2, 4])
+    structures[1].perturb(0.1, min_distance=0.05)  # off its minimum: sizeable forces and stress
+    model = load_potential("chgnet").model
+    for batch in (structures, structures[:1]):
+        expected = model.predict_graph([model.graph_converter(s) for s in batch], task="efsm", batch_size=len(batch))
+        expected = [expected] if isinstance(expected, dict) else expected
+        got = predict_efsm(model, [model.graph_converter(s) for s in batch])
+        assert len(got) == len(expected)
+        for mine, chgnets in zip(got, expected):
+            assert set(mine) == set("efsm")
+            for key in "efsm":
+                assert mine[key].dtype == chgnets[key].dtype and np.array_equal(mine[key], chgnets[key]), key
+
+
+def test_batched_calculator_state_check_agrees_with_ase():
+    """The quick unchanged-atoms path of _BatchedCalculator.check_state gives ASE's answers."""
+    from ase.build import bulk
+    from ase.calculators.calculator import Calculator
+
+    from xtalgen.evaluation.batched_relax import _BatchedCalculator
+
+    atoms = bulk("NaCl", "rocksalt", a=5.6)
+    calc = _BatchedCalculator(None, 1.0, 1.0)
+    assert calc.check_state(atoms) == Calculator.check_state(calc, atoms)  # nothing computed yet
+    calc.atoms = atoms.copy()
+    variants = [atoms.copy() for _ in range(5)]
+    variants[1].positions[0, 0] += 1e-12
+    variants[2].set_cell(atoms.cell * 1.001, scale_atoms=False)
+    variants[3].set_initial_magnetic_moments([1.0, 0.0])
+    variants[4].positions[1, 2] = float("nan")
+    for other in variants:
+        assert calc.check_state(other) == Calculator.check_state(calc, other)
+    assert calc.check_state(variants[0]) == []
+
+
 def test_bulk_modulus_proxy_of_rock_salt():
     """Birch-Murnaghan fit of CHGNet energies for NaCl: experiment gives ~25 GPa."""
     from xtalgen.evaluation.properties import bulk_modulus
