@@ -9,6 +9,9 @@ implementations can replace the pure-PyTorch reference without touching the mode
   same graph); the returned edge vectors are recomputed differentiably in the input dtype. For
   each atom pair only the lattice translations inside the cutoff sphere are visited (a batched
   Fincke-Pohst enumeration in a reduced basis), not the whole box of images around the cell.
+  `algorithm="cell_list"` (`radius_graph_pbc_cell_list`) finds the same candidates by binning the
+  atoms' images into cubes of side ~ the cutoff instead, the usual choice on a GPU; the ordering and
+  the neighbour cap are shared, so both give identical edges in the same order.
 * `message_passing` gathers source-node features along edges, multiplies them by an edge filter and
   scatter-adds the products onto the target nodes. Backends live in a registry: "torch" (the
   reference and the CPU path) now; a fused kernel registered with `torch.library` plugs in by name.
@@ -63,6 +66,7 @@ def radius_graph_pbc(
     *,
     max_images_per_dim: int = DEFAULT_MAX_IMAGES_PER_DIM,
     max_pairs_per_chunk: int = DEFAULT_MAX_PAIRS_PER_CHUNK,
+    algorithm: str = "sphere",
 ) -> PeriodicGraph:
     """All (source image, target) pairs closer than `cutoff`, at most `max_neighbors` per target.
 
@@ -73,7 +77,12 @@ def radius_graph_pbc(
     The `max_neighbors` nearest are kept; equal distances are broken by source index and then
     image, deterministically. Structures are processed in groups of at most
     `max_pairs_per_chunk` candidate pairs, so memory does not grow with the square of the batch.
+    `algorithm` picks how candidate images are found (see `GRAPH_ALGORITHMS`): "sphere" (per-pair
+    Fincke-Pohst enumeration, the default) or "cell_list" (binned images, the usual GPU choice);
+    both give identical edges, in the same order.
     """
+    if algorithm not in GRAPH_ALGORITHMS:
+        raise ValueError(f"unknown radius-graph algorithm {algorithm!r}; available: {sorted(GRAPH_ALGORITHMS)}")
     if cart_coords.ndim != 2 or cart_coords.shape[1] != 3:
         raise ValueError(f"cart_coords must be (N, 3), got {tuple(cart_coords.shape)}")
     if lattice.ndim != 3 or lattice.shape[1:] != (3, 3):
@@ -88,13 +97,39 @@ def radius_graph_pbc(
             max_neighbors,
             max_images_per_dim,
             max_pairs_per_chunk,
+            GRAPH_ALGORITHMS[algorithm],
         )
     shift = torch.einsum("ei,eij->ej", offsets.to(lattice.dtype), lattice[batch_index[target]])  # (E, 3)
     edge_vec = cart_coords[source] + shift - cart_coords[target]
     return PeriodicGraph(torch.stack([source, target]), edge_vec, offsets)
 
 
-def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, max_images, max_pairs):
+def radius_graph_pbc_cell_list(
+    cart_coords: Tensor,
+    lattice: Tensor,
+    batch_index: Tensor,
+    num_atoms: Tensor,
+    cutoff: float = 7.0,
+    max_neighbors: int | None = 50,
+    *,
+    max_images_per_dim: int = DEFAULT_MAX_IMAGES_PER_DIM,
+    max_pairs_per_chunk: int = DEFAULT_MAX_PAIRS_PER_CHUNK,
+) -> PeriodicGraph:
+    """`radius_graph_pbc` with `algorithm="cell_list"`: the same edges, in the same order."""
+    return radius_graph_pbc(
+        cart_coords,
+        lattice,
+        batch_index,
+        num_atoms,
+        cutoff,
+        max_neighbors,
+        max_images_per_dim=max_images_per_dim,
+        max_pairs_per_chunk=max_pairs_per_chunk,
+        algorithm="cell_list",
+    )
+
+
+def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, max_images, max_pairs, search):
     inv_lattice, singular = torch.linalg.inv_ex(lattice)  # (B, 3, 3); column k: reciprocal vector k (no 2π)
     bad = (singular != 0) | ~torch.isfinite(inv_lattice).flatten(1).all(dim=1)  # (B,)
     if bad.any():
@@ -124,7 +159,7 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
         volume_per_atom = torch.linalg.det(lattice).abs() / num_atoms.to(lattice.dtype)
         guess = DENSE_RADIUS_FACTOR * (max_neighbors * volume_per_atom * 3 / (4 * torch.pi)) ** (1 / 3)
         radius = torch.minimum(radius, guess)
-    geometry = (wrapped, reduced, inv_reduced, num_atoms, max_images, max_pairs)
+    geometry = (wrapped, reduced, inv_reduced, num_atoms, max_images, max_pairs, search)
     source, target, shift_reduced, dist = _candidates(geometry, radius, torch.ones_like(num_atoms, dtype=torch.bool))
     shrunk = radius < cutoff
     if shrunk.any():
@@ -155,7 +190,7 @@ def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, 
 
 def _candidates(geometry, radius: Tensor, structures: Tensor):
     """Pairs within `radius` (B,) of the chosen `structures` (B,) bool: source, target, image, dist."""
-    wrapped, reduced, inv_reduced, num_atoms, max_images, max_pairs = geometry
+    wrapped, reduced, inv_reduced, num_atoms, max_images, max_pairs, search = geometry
     # Wrapped fractional differences lie in [-1, 1], so a neighbour within the radius needs
     # |n_k| <= radius * |b_k| + 1 along reciprocal direction b_k. This box bounds the memory of a
     # chunk; the search itself visits only the lattice points of each pair's sphere.
@@ -166,7 +201,7 @@ def _candidates(geometry, radius: Tensor, structures: Tensor):
     atom_start = torch.cumsum(num_atoms, 0) - num_atoms  # (B,)
     triangular = _upper_triangular_factor(reduced)  # (B, 3, 3)
     parts = [
-        _edges_of_structures(lo, hi, wrapped, reduced, triangular, num_atoms * structures, atom_start, images, radius)
+        search(lo, hi, wrapped, reduced, triangular, num_atoms * structures, atom_start, images, radius)
         for lo, hi in _chunks(pairs.tolist(), max_pairs)
     ]
     if not parts:
@@ -210,7 +245,16 @@ def _edges_of_structures(lo, hi, wrapped, lattice, triangular, num_atoms, atom_s
     source, target, struct = source[pair], target[pair], struct[pair]
     # Differences are taken in fractional space: an atom's images at +n and -n then have exactly
     # equal distances, so their tie is broken by image order and never by rounding noise.
-    frac_vec = diff[pair] + shift.double()  # (E, 3)
+    return _within_radius(source, target, struct, diff[pair], shift, lattice, radius)
+
+
+def _within_radius(source, target, struct, diff, shift, lattice, radius):
+    """The candidates (E,) closer than their structure's radius, but an atom itself at zero shift.
+
+    diff (E, 3) wrapped fractional difference source - target, shift (E, 3) long image. Shared by
+    both searches, so that the same triple gets the same float64 distance whichever found it.
+    """
+    frac_vec = diff + shift.double()  # (E, 3)
     vec = torch.einsum("pi,pij->pj", frac_vec, lattice[struct])
     dist = vec.norm(dim=1)  # (E,)
     keep = (dist < radius[struct]) & ~((source == target) & (shift == 0).all(dim=1))
@@ -247,6 +291,102 @@ def _sphere_points(diff: Tensor, triangular: Tensor, radius: Tensor, images: Ten
         row = triangular[pair, k, k] * (diff[pair, k] + chosen.double()) + offset
         remaining = remaining - row.square()
     return pair, shift
+
+
+# Bins of the cell list are this much wider than the radius (relative, then absolute, Å), far more
+# than the float64 rounding of the positions, so a pair within the radius is never two bins apart.
+CELL_LIST_BIN_SLACK = 1e-6
+# The 27 bin offsets of a bin's neighbourhood, itself included.
+_STENCIL = [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
+
+
+def _edges_of_structures_cell_list(lo, hi, wrapped, lattice, triangular, num_atoms, atom_start, images, radius):
+    """`_edges_of_structures` by a cell list: the same (source, target, image, distance) set.
+
+    Every atom of structures lo..hi-1 is replicated over the same image box |n_k| <= images_k (in
+    the reduced basis) as the sphere search; the points are binned into Cartesian cubes of side just
+    above the structure's radius, keyed by (structure, bin) and sorted; each target (an atom at
+    n = 0) takes as candidates the points of its 27 neighbouring bins (searchsorted on the sorted
+    keys, repeat_interleave over the variable counts), whose distance is then tested exactly as the
+    sphere search tests it. Candidates per target are at most the points of its structure, so a
+    chunk needs no more memory than the sphere search's bound of num_atoms^2 x images.
+    """
+    del triangular  # the sphere search's; bins need none
+    device = wrapped.device
+    n = num_atoms[lo:hi]  # (b,) 0 for structures left out
+    widths = 2 * images[lo:hi] + 1  # (b, 3)
+    per_atom = widths.prod(dim=1)  # (b,) images per atom
+    structs = torch.arange(lo, hi, device=device)
+
+    # Points: (atom, image) for every atom and image of the box, grouped by structure.
+    point_count = n * per_atom  # (b,)
+    p_struct = torch.repeat_interleave(structs, point_count)  # (P,)
+    local = torch.arange(p_struct.numel(), device=device) - (torch.cumsum(point_count, 0) - point_count)[p_struct - lo]
+    w = widths[p_struct - lo]  # (P, 3)
+    p_atom = atom_start[p_struct] + local // per_atom[p_struct - lo]
+    idx = local % per_atom[p_struct - lo]
+    p_shift = torch.stack([idx // (w[:, 1] * w[:, 2]), (idx // w[:, 2]) % w[:, 1], idx % w[:, 2]], dim=1)
+    p_shift = p_shift - images[p_struct]  # (P, 3) long
+    p_cart = torch.einsum("pi,pij->pj", wrapped[p_atom] + p_shift.double(), lattice[p_struct])  # (P, 3)
+
+    # Targets: the atoms themselves (n = 0).
+    t_struct = torch.repeat_interleave(structs, n)  # (T,)
+    t_atom = atom_start[t_struct] + torch.arange(t_struct.numel(), device=device) - (torch.cumsum(n, 0) - n)[
+        t_struct - lo
+    ]
+    t_cart = torch.einsum("pi,pij->pj", wrapped[t_atom], lattice[t_struct])  # (T, 3)
+
+    # Bins of each structure: side just above its radius, from two bins below its lowest target, so
+    # targets fall in bins 1..top and their neighbours in 0..top+1; points outside are never needed.
+    side = radius[lo:hi] * (1 + CELL_LIST_BIN_SLACK) + CELL_LIST_BIN_SLACK  # (b,)
+    low = torch.full((hi - lo, 3), torch.inf, dtype=wrapped.dtype, device=device)
+    low = low.scatter_reduce(0, (t_struct - lo)[:, None].expand(-1, 3), t_cart, "amin", include_self=True)
+    origin = low - 2 * side[:, None]
+    low = torch.where(torch.isfinite(origin), origin, torch.zeros_like(origin))  # structures with no atoms
+    t_bin = torch.floor((t_cart - low[t_struct - lo]) / side[t_struct - lo, None]).long()  # (T, 3)
+    top = torch.zeros(hi - lo, 3, dtype=torch.long, device=device)
+    top = top.scatter_reduce(0, (t_struct - lo)[:, None].expand(-1, 3), t_bin, "amax", include_self=True)
+    dims = top + 2  # (b, 3) bins 0..top+1 per direction
+    bins = dims.prod(dim=1)
+    key_start = torch.cumsum(bins, 0) - bins  # (b,) first key of each structure
+
+    def key(struct_local: Tensor, b: Tensor) -> Tensor:
+        d = dims[struct_local]
+        return key_start[struct_local] + (b[:, 0] * d[:, 1] + b[:, 1]) * d[:, 2] + b[:, 2]
+
+    p_bin = torch.floor((p_cart - low[p_struct - lo]) / side[p_struct - lo, None]).long()  # (P, 3)
+    inside = ((p_bin >= 0) & (p_bin < dims[p_struct - lo])).all(dim=1)
+    p_struct, p_atom, p_shift, p_bin = p_struct[inside], p_atom[inside], p_shift[inside], p_bin[inside]
+    p_key, order = torch.sort(key(p_struct - lo, p_bin))
+    p_atom, p_shift, p_cart = p_atom[order], p_shift[order], p_cart[inside][order]
+
+    # Candidates: for each target and stencil offset, the run of points with that bin's key.
+    starts, counts = [], []
+    for offset in _STENCIL:
+        k = key(t_struct - lo, t_bin + torch.tensor(offset, device=device))
+        first = torch.searchsorted(p_key, k)
+        starts.append(first)
+        counts.append(torch.searchsorted(p_key, k, right=True) - first)
+    starts, counts = torch.stack(starts, dim=1).flatten(), torch.stack(counts, dim=1).flatten()  # (T * 27,)
+    run = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)  # (C,)
+    point = starts[run] + torch.arange(run.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[run]
+    tgt = run // len(_STENCIL)  # (C,) index into the targets
+    # Cheap pre-test on the Cartesian positions, looser than the bins' slack (so it drops no pair
+    # within the radius), before the exact test gathers the lattices: most of a 27-bin block lies
+    # outside the sphere.
+    near = (p_cart[point] - t_cart[tgt]).square().sum(dim=1) < side[t_struct[tgt] - lo].square()
+    tgt, point = tgt[near], point[near]
+    target, struct = t_atom[tgt], t_struct[tgt]
+    source, shift = p_atom[point], p_shift[point]
+    return _within_radius(source, target, struct, wrapped[source] - wrapped[target], shift, lattice, radius)
+
+
+# How `radius_graph_pbc` finds the candidate images of each structure group (its `algorithm`).
+# Each entry has the signature of `_edges_of_structures` and must return the same set of edges.
+GRAPH_ALGORITHMS: dict[str, Callable] = {
+    "sphere": _edges_of_structures,
+    "cell_list": _edges_of_structures_cell_list,
+}
 
 
 # Rounds of pairwise (Gauss) size reduction; each round makes every lattice vector as short as

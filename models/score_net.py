@@ -135,6 +135,7 @@ class ScoreNetwork(nn.Module):
         self.edge_hidden = edge_hidden
         self.cutoff = float(cfg.cutoff)
         self.max_neighbors = int(cfg.max_neighbors)
+        self.radius_graph = cfg.radius_graph
 
         self.type_embedding = nn.Embedding(NUM_ELEMENTS + 1, hidden)  # row 0 = mask token
         self.time_embedding = TimeEmbedding(hidden)
@@ -228,7 +229,8 @@ class ScoreNetwork(nn.Module):
         lattice = lattice.to(geom_dtype)
         frac = torch.remainder(frac_coords.to(geom_dtype), 1.0)  # (N, 3) image-independent
         cart = torch.einsum("ni,nij->nj", frac, lattice[batch_index])  # (N, 3)
-        graph = radius_graph_pbc(cart, lattice, batch_index, num_atoms, self.cutoff, self.max_neighbors)
+        graph = radius_graph_pbc(cart, lattice, batch_index, num_atoms, self.cutoff, self.max_neighbors,
+                                 algorithm=self.radius_graph)
         source, target = graph.edge_index
         dist = graph.edge_vec.norm(dim=1)  # (E,)
         unit_geom = graph.edge_vec / dist.clamp_min(1e-6)[:, None]  # (E, 3)

@@ -23,6 +23,9 @@ class ScoreNetConfig:
     # torch (reference, CPU) | triton (fused GPU) | any name given to
     # `models.graph.register_message_passing_backend` (a registry, so not a fixed list here)
     backend: str = "torch"
+    # periodic radius graph: sphere (lattice images inside each pair's cutoff sphere; the default,
+    # fastest on CPU) | cell_list (binned images, 27-bin stencil; the usual GPU choice). Same edges.
+    radius_graph: Literal["sphere", "cell_list"] = "sphere"
 
     def __post_init__(self):
         # Configs and model files written before these sizes were optional said 0 for "the preset's".
