@@ -24,6 +24,7 @@ enumeration and of tie-breaking at the neighbour cap. pymatgen is the reference 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -104,29 +105,8 @@ def radius_graph_pbc(
     return PeriodicGraph(torch.stack([source, target]), edge_vec, offsets)
 
 
-def radius_graph_pbc_cell_list(
-    cart_coords: Tensor,
-    lattice: Tensor,
-    batch_index: Tensor,
-    num_atoms: Tensor,
-    cutoff: float = 7.0,
-    max_neighbors: int | None = 50,
-    *,
-    max_images_per_dim: int = DEFAULT_MAX_IMAGES_PER_DIM,
-    max_pairs_per_chunk: int = DEFAULT_MAX_PAIRS_PER_CHUNK,
-) -> PeriodicGraph:
-    """`radius_graph_pbc` with `algorithm="cell_list"`: the same edges, in the same order."""
-    return radius_graph_pbc(
-        cart_coords,
-        lattice,
-        batch_index,
-        num_atoms,
-        cutoff,
-        max_neighbors,
-        max_images_per_dim=max_images_per_dim,
-        max_pairs_per_chunk=max_pairs_per_chunk,
-        algorithm="cell_list",
-    )
+# The same edges, in the same order, found by the cell list (see `radius_graph_pbc`).
+radius_graph_pbc_cell_list = functools.partial(radius_graph_pbc, algorithm="cell_list")
 
 
 def _select_edges(cart, lattice, batch_index, num_atoms, cutoff, max_neighbors, max_images, max_pairs, search):
