@@ -72,6 +72,8 @@ def main() -> int:
                         help="chemical_system, space_group: an extra sampler setting (repeatable), e.g. "
                              "sample.corrector_steps=2; sample sets are then kept apart by --tag")
     parser.add_argument("--tag", default="", help="suffix of the sample directories and results of this variant")
+    parser.add_argument("--full", action="store_true",
+                        help="fine-tune every weight (finetune.full=true) instead of the adapters only")
     args = parser.parse_args()
     if args.task != "band_gap" and (args.sample_override or args.steps != 50) and not args.tag:
         parser.error("--sample-override and --steps need a --tag (the sample directories of another setting are kept)")
@@ -114,7 +116,8 @@ def finetune_call(args, recipe: str, shard_dir: Path, run_dir: Path, *overrides:
     return ("finetune", args.base, recipe, f"data.shards={shard_dir}", f"train.run_dir={run_dir}",
             f"train.max_steps={args.finetune_steps}", "train.global_batch_structures=32",
             "train.micro_batch_structures=32", f"train.optim.lr={args.lr}", "train.ema_decay=0.99",
-            "train.checkpoint_every=200", "train.log_every=25", *resume, *overrides)
+            "train.checkpoint_every=200", "train.log_every=25", *resume,
+            *(["finetune.full=true"] if args.full else []), *overrides)
 
 
 def model_of(run_dir: Path) -> Path:
@@ -303,7 +306,7 @@ def chemical_system(args, work: Path) -> None:
                     "targets": len(unseen), "count": total, "exact": total_hits, "fraction": round(total_hits / total, 4),
                     "fraction_95ci": wilson(total_hits, total), "only_requested_elements": total_inside,
                     "guidance": float(gamma), "steps": args.steps, "sampler": args.sample_override, "tag": args.tag,
-                    "finetune_steps": args.finetune_steps, "lr": args.lr})
+                    "finetune_steps": args.finetune_steps, "lr": args.lr, "full": args.full})
 
 
 # --- space group -------------------------------------------------------------------------------------------
