@@ -25,7 +25,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from xtalgen.evaluation.cell_maths import speed_up_cell_filter
+from xtalgen.evaluation.cell_maths import frechet_cell_filter
 from xtalgen.evaluation.physical import check_relaxation_volume, volume_per_atom
 from xtalgen.evaluation.relax_result import RelaxResult, relax_result
 
@@ -35,6 +35,7 @@ class _Batcher:
 
     def __init__(self, model, active: int):
         self.model = model
+        self.one_pass = _one_pass_supported()  # decided once, not at every batch
         self.active = active  # threads that may still ask for an evaluation
         self.pending: dict[int, Structure] = {}
         self.results: dict[int, dict | BaseException] = {}
@@ -80,7 +81,7 @@ class _Batcher:
 
     def _predict(self, structures: list[Structure]) -> list[dict]:
         graphs = [self.model.graph_converter(s) for s in structures]
-        if _one_pass_supported():
+        if self.one_pass:
             return predict_efsm(self.model, graphs)
         predictions = self.model.predict_graph(graphs, task="efsm", batch_size=len(graphs))
         return [predictions] if isinstance(predictions, dict) else list(predictions)  # a bare dict for one graph
@@ -199,7 +200,6 @@ def relax_batched(
 ) -> Iterator[tuple[int, object]]:
     """Yield (position, RelaxResult or exception) as each structure finishes; on_step(position) is
     called at each evaluation of a structure's energy and forces."""
-    from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
     from chgnet.model.dynamics import TrajectoryObserver
 
@@ -217,7 +217,7 @@ def relax_batched(
         step = (lambda: on_step(position)) if on_step is not None else None
         atoms.calc = _BatchedCalculator(batcher, stress_weight, volume_per_atom(structure), step)
         observer = TrajectoryObserver(atoms)
-        optimizer = FIRE(speed_up_cell_filter(FrechetCellFilter(atoms)) if relax_cell else atoms, logfile=None)
+        optimizer = FIRE(frechet_cell_filter(atoms) if relax_cell else atoms, logfile=None)
         optimizer.attach(observer, interval=1)
         optimizer.run(fmax=fmax, steps=steps)
         observer()

@@ -69,14 +69,13 @@ from xtalgen.evaluation.physical import (
     volume_per_atom,
 )
 from xtalgen.evaluation.properties import (
-    _RANGE_RE,
     bulk_modulus,
     chemical_system,
     hhi_score,
     magnetic_density,
     meets_target,
-    parse_target,
     space_group_number,
+    target_bounds,
 )
 from xtalgen.evaluation.relax import MP2020_FOOTING, Potential, RelaxResult, load_potential, relax_many
 from xtalgen.evaluation.relax_result import displacement_rmsd
@@ -447,11 +446,7 @@ def refine_ceiling(rows: list[dict], cfg: EvaluateConfig) -> float:
         target = (row.get("conditions") or {}).get("energy_above_hull")
         if target is None:
             continue
-        in_range = _RANGE_RE.match(str(target))
-        if in_range is not None:
-            bounds += [float(in_range.group(1)), float(in_range.group(2))]
-        elif (parsed := parse_target("energy_above_hull", target)) is not None:
-            bounds.append(parsed[1])
+        bounds += target_bounds("energy_above_hull", target)
     return max(b for b in bounds if math.isfinite(b))
 
 

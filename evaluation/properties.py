@@ -100,6 +100,18 @@ def parse_target(name: str, target) -> tuple[str, float] | None:
     return match.group(1) or DEFAULT_DIRECTION.get(name, AT_LEAST), float(match.group(2))
 
 
+def target_bounds(name: str, target) -> list[float]:
+    """The numbers a numeric target names: both ends of a range ('0..0.1'), the value of a point or
+    an inequality ('<=0.05'); [] for a categorical or unreadable one."""
+    if name in ("chemical_system", "space_group"):
+        return []
+    in_range = _RANGE_RE.match(str(target))
+    if in_range is not None:
+        return [float(in_range.group(1)), float(in_range.group(2))]
+    parsed = parse_target(name, target)
+    return [] if parsed is None else [parsed[1]]
+
+
 def meets_target(name: str, target, value) -> bool | None:
     """True/False when both are known; None when the proxy is not available."""
     if value is None or target is None or (isinstance(value, float) and not np.isfinite(value)):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from pymatgen.core import Structure
 
-from xtalgen.evaluation.cell_maths import frechet_cell_filter, speed_up_cell_filter
+from xtalgen.evaluation.cell_maths import frechet_cell_filter
 from xtalgen.evaluation.physical import check_relaxation_volume, volume_per_atom
 from xtalgen.evaluation.relax_result import RelaxResult, displacement_rmsd, relax_result
 
@@ -181,7 +181,6 @@ class ASECalculatorPotential(Potential):
         self, structure: Structure, fmax: float = 0.05, steps: int = 500, relax_cell: bool = True,
         on_step: Callable[[], None] | None = None,
     ) -> RelaxResult:
-        from ase.filters import FrechetCellFilter
         from ase.optimize import FIRE
         from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -189,7 +188,7 @@ class ASECalculatorPotential(Potential):
         n_atoms = len(structure)
         with cpu_threads(self.threads):
             initial_energy = float(atoms.get_potential_energy()) / n_atoms
-            optimizer = FIRE(speed_up_cell_filter(FrechetCellFilter(atoms)) if relax_cell else atoms, logfile=None)
+            optimizer = FIRE(frechet_cell_filter(atoms) if relax_cell else atoms, logfile=None)
             start = volume_per_atom(structure)
             optimizer.attach(lambda: check_relaxation_volume(start, atoms.get_volume() / n_atoms), interval=1)
             if on_step is not None:
