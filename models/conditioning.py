@@ -135,21 +135,33 @@ class ConditionEmbedding(nn.Module):
         conditions: Mapping[str, Tensor] | None = None,
         condition_mask: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
+        return self.embed(batch_size, conditions, condition_mask)[0]
+
+    def embed(
+        self,
+        batch_size: int,
+        conditions: Mapping[str, Tensor] | None = None,
+        condition_mask: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(B, H) summed embedding, and per property the (B,) bool rows that used their value.
+
+        The second part tells a consumer of the raw value (the element-set term of the score network)
+        which rows were given the null token, by absence or by condition dropout."""
         conditions = conditions or {}
         condition_mask = condition_mask or {}
         unknown = set(conditions) - set(self.names)
         if unknown:
             raise ValueError(f"conditions {sorted(unknown)} are not configured; known: {self.names}")
-        total = None
+        total, used = None, {}
         for name in self.names:
-            emb = self._embed_one(name, batch_size, conditions.get(name), condition_mask.get(name))
+            emb, used[name] = self._embed_one(name, batch_size, conditions.get(name), condition_mask.get(name))
             total = emb if total is None else total + emb
-        return total
+        return total, used
 
-    def _embed_one(self, name, batch_size, value, mask):
+    def _embed_one(self, name, batch_size, value, mask) -> tuple[Tensor, Tensor]:
         null = self.null_tokens[name].expand(batch_size, -1)  # (B, H)
         if value is None:
-            return null
+            return null, torch.zeros(batch_size, dtype=torch.bool, device=null.device)
         device = null.device
         present = torch.ones(batch_size, dtype=torch.bool, device=device) if mask is None else mask.bool()
         if self.training and self.dropout > 0:
@@ -161,4 +173,4 @@ class ConditionEmbedding(nn.Module):
         placeholder = torch.full_like(value, getattr(embedding, "first", 0))
         row_present = present.view(-1, *([1] * (value.ndim - 1)))
         emb = embedding(torch.where(row_present, value, placeholder))  # (B, H)
-        return torch.where(present[:, None], emb, null)
+        return torch.where(present[:, None], emb, null), present

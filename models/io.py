@@ -84,7 +84,7 @@ def read_model_file(path: str | os.PathLike, map_location="cpu") -> dict:
 
 # Parts added to the architecture after models were saved, zero-initialised so that a model without
 # them computes exactly what it did: a saved model that lacks them loads with their zeros.
-ZERO_INITIALISED_ADDITIONS = ("score_net.type_adapter.",)
+ZERO_INITIALISED_ADDITIONS = ("score_net.type_adapter.", "score_net.element_set_gate.")
 
 
 def with_zero_additions(model: CrystalDiffusion, state: dict) -> dict:

@@ -45,7 +45,9 @@ Conditioning: time embedding (sinusoidal + MLP) and, without adapters, the summe
 embedding form a per-structure vector that is added to the initial atom scalars and modulates each
 layer (FiLM). With adapters (fine-tuning, MatterGen's recipe) properties enter only through
 per-layer adapters whose last layer is zero-initialised, so a base model's outputs are reproduced
-bit-for-bit until the adapters train.
+bit-for-bit until the adapters train. A chemical-system condition also reaches the element logits
+element by element (`ElementSetGate`, zero-initialised too): its requested elements, and those of them
+that no unmasked atom of the structure holds yet.
 """
 
 from __future__ import annotations
@@ -112,6 +114,37 @@ def resolve_architecture(cfg: ScoreNetConfig) -> dict:
     return arch
 
 
+class ElementSetGate(nn.Module):
+    """Element-wise chemical-system term of the element logits, (N, 100).
+
+    A chemical system names elements, and a crystal of that system holds each of them at least once.
+    The multi-hot through an MLP (the property embedding) must learn every element's column apart,
+    and an atom's type head sees only its neighbourhood: the fine-tuned models kept the requested
+    elements but often dropped one (one cation on both perovskite sites). This term treats every
+    element alike, so it carries over to systems never seen in training. Per atom, two learnt gates
+    from the atom's features scale two multi-hots of its structure:
+
+        logits[i, z] += g_in(s_i) * requested[b_i, z] + g_missing(s_i) * missing[b_i, z]
+
+    where `missing` is requested and not yet among the structure's unmasked atoms. The gates start at
+    zero (weights and bias), so a model gains this term without changing its outputs, and rows given
+    the null token (unconditional, guidance's other half) get nothing from it.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, hidden))
+        self.bias = nn.Parameter(torch.zeros(2))
+
+    def forward(self, s: Tensor, requested: Tensor, atomic_numbers: Tensor, batch_index: Tensor) -> Tensor:
+        # s: (N, H); requested: (B, 100); atomic_numbers: (N,) long, 0 = mask; batch_index: (N,)
+        present = requested.new_zeros(requested.shape[0], NUM_ELEMENTS + 1)  # column 0: the mask token
+        present[batch_index, atomic_numbers] = 1.0
+        missing = requested * (1.0 - present[:, 1:])  # (B, 100)
+        gates = nn.functional.linear(s, self.weight, self.bias)  # (N, 2)
+        return gates[:, :1] * requested[batch_index] + gates[:, 1:] * missing[batch_index]  # (N, 100)
+
+
 class ScoreNetwork(nn.Module):
     def __init__(
         self,
@@ -170,6 +203,9 @@ class ScoreNetwork(nn.Module):
         self.prior_density = DEFAULT_PRIOR_DENSITY
         self.cell_embedding = mlp(NUM_CELL_INVARIANTS, hidden, hidden)
         self.cell_head = mlp(3 * hidden, hidden, 2)
+        # Last, and from zeros (no draw from the RNG): every other parameter initialises as before.
+        self.element_set_conditions = [c.name for c in conditions if c.kind == "chemical_system"]
+        self.element_set_gate = ElementSetGate(hidden) if self.element_set_conditions else None
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapters(self) -> None:
@@ -199,7 +235,7 @@ class ScoreNetwork(nn.Module):
     def finetune_parameters(self) -> list[nn.Parameter]:
         """Parameters trained when the base is frozen: adapters and property embeddings."""
         params = []
-        for module in (self.adapters, self.type_adapter, self.conditioning):
+        for module in (self.adapters, self.type_adapter, self.element_set_gate, self.conditioning):
             if module is not None:
                 params.extend(module.parameters())
         return params
@@ -239,11 +275,11 @@ class ScoreNetwork(nn.Module):
 
         num_structures = lattice.shape[0]
         cond = self.time_embedding(t)  # (B, H); features computed in >= float32
-        props = None
+        props, used = None, {}
         if self.conditioning is None and conditions:
             raise ValueError(f"this network is not conditioned on any property; got {sorted(conditions)}")
         if self.conditioning is not None:
-            props = self.conditioning(num_structures, conditions, condition_mask)  # (B, H)
+            props, used = self.conditioning.embed(num_structures, conditions, condition_mask)  # (B, H)
             if self.conditions_at_input:
                 cond = cond + props
 
@@ -262,10 +298,23 @@ class ScoreNetwork(nn.Module):
         type_logits = self.type_head(s)  # (N, 100)
         if self.type_adapter is not None:
             type_logits = type_logits + self.type_adapter(props)[batch_index]
+        if self.element_set_gate is not None:
+            requested = self._requested_elements(conditions, used, num_structures, type_logits)  # (B, 100)
+            type_logits = type_logits + self.element_set_gate(s, requested, atomic_numbers, batch_index)
         coord_vectors = self.coord_out(v * self.coord_gate(s)[:, None, :]).squeeze(-1)  # (N, 3)
         lattice_matrix = self._lattice_readout(s, rbf, unit_geom, source, target, batch_index, num_structures)
         lattice_matrix = lattice_matrix + self._cell_term(s, cond, lattice, num_atoms, batch_index)
         return ScoreOutput(type_logits, coord_vectors, lattice_matrix)
+
+    def _requested_elements(self, conditions, used, num_structures, like: Tensor) -> Tensor:
+        """(B, 100) multi-hot of the elements a chemical-system condition asks for; 0 on null rows."""
+        requested = like.new_zeros(num_structures, NUM_ELEMENTS)
+        for name in self.element_set_conditions:
+            value = (conditions or {}).get(name)
+            if value is not None:
+                asked = torch.where(used[name][:, None], value.to(like.dtype), 0.0)  # NaN rows -> 0
+                requested = torch.maximum(requested, asked)
+        return requested
 
     def _lattice_readout(self, s, rbf, unit_vec, source, target, batch_index, num_structures):
         """(B, 3, 3): mean_e w_e r_hat r_hat^T + mean_atoms(iso) * I, both per structure."""

@@ -36,7 +36,8 @@ from xtalgen.train.trainer import Trainer, sha256_file
 log = logging.getLogger("xtalgen.train")
 
 BASE_FILE = "base.pt"  # a run-directory base, consolidated (EMA weights) into the fine-tuning run
-ADAPTED_PREFIXES = ("score_net.adapters.", "score_net.type_adapter.", "score_net.conditioning.")  # what the base does not have
+ADAPTED_PREFIXES = ("score_net.adapters.", "score_net.type_adapter.", "score_net.element_set_gate.",
+                    "score_net.conditioning.")  # what the base does not have
 
 
 @dataclass
