@@ -184,11 +184,14 @@ def wilson(hits: int, total: int, z: float = 1.96) -> list[float]:
 
 
 def rate_ratio(hits: int, total: int, base_hits: int, base_total: int, z: float = 1.96) -> tuple:
-    """Ratio of two fractions with its 95 % interval (Katz's log method). With no hits on either side,
-    0.5 is added to every count (Haldane), so a base with none still gives a finite, cautious ratio."""
+    """Ratio of two fractions with its 95 % interval (Katz's log method). With no hits on one side,
+    0.5 is added to each of the four cells (Haldane-Anscombe), so the ratio stays finite; with none on
+    either side there is no ratio to give (None)."""
+    if hits == 0 and base_hits == 0:
+        return None, None
     a, n1, c, n2 = hits, total, base_hits, base_total
     if a == 0 or c == 0:
-        a, n1, c, n2 = a + 0.5, n1 + 0.5, c + 0.5, n2 + 0.5
+        a, n1, c, n2 = a + 0.5, n1 + 1.0, c + 0.5, n2 + 1.0
     ratio = (a / n1) / (c / n2)
     half = z * np.sqrt(1 / a - 1 / n1 + 1 / c - 1 / n2)
     return round(float(ratio), 2), [round(float(ratio * np.exp(-half)), 2), round(float(ratio * np.exp(half)), 2)]
@@ -370,7 +373,10 @@ def has_element_set_gate(work: Path) -> bool:
     """Whether the fine-tuned model of WORK has a trained element-set gate (older ones predate it)."""
     import torch
 
-    state = torch.load(work / "chemsys" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    model = work / "chemsys" / "model.pt"
+    if not model.exists():
+        return False
+    state = torch.load(model, map_location="cpu", weights_only=True)["state_dict"]
     gate = state.get("score_net.element_set_gate.bias")
     return gate is not None and bool(gate.count_nonzero())
 

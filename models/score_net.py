@@ -44,10 +44,11 @@ on which periodic image of an atom is given.
 Conditioning: time embedding (sinusoidal + MLP) and, without adapters, the summed property
 embedding form a per-structure vector that is added to the initial atom scalars and modulates each
 layer (FiLM). With adapters (fine-tuning, MatterGen's recipe) properties enter only through
-per-layer adapters whose last layer is zero-initialised, so a base model's outputs are reproduced
-bit-for-bit until the adapters train. A chemical-system condition also reaches the element logits
-element by element (`ElementSetGate`, zero-initialised too): its requested elements, and those of them
-that no unmasked atom of the structure holds yet.
+per-layer adapters whose last layer is zero-initialised, and through a zero-initialised linear map to
+the element logits, so a base model's outputs are reproduced bit-for-bit until they train. A
+chemical-system condition also reaches the element logits element by element (`ElementSetGate`,
+zero-initialised too): its requested elements, and those of them that no unmasked atom of the
+structure holds yet. Several chemical-system conditions request the union of their elements.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ class ScoreNetwork(nn.Module):
         nn.init.zeros_(self.type_adapter.bias)
 
     def finetune_parameters(self) -> list[nn.Parameter]:
-        """Parameters trained when the base is frozen: adapters and property embeddings."""
+        """Parameters trained when the base is frozen: adapters, element-set gate, property embeddings."""
         params = []
         for module in (self.adapters, self.type_adapter, self.element_set_gate, self.conditioning):
             if module is not None:

@@ -73,6 +73,7 @@ def test_network_term_acts_only_on_conditioned_rows_and_element_logits(perov_val
     t = torch.linspace(0.1, 0.9, b, dtype=torch.float64)
     conditions = {"chemical_system": _multi_hot(*["Ba-O-Ti"] * b)}
     rows = torch.tensor([True, False, True, False])
+    conditions["chemical_system"][1] = float("nan")  # an absent row may hold anything
 
     def run(**kwargs):
         return net(masked, batch.frac_coords, batch.lattice, batch.num_atoms, batch.batch_index, t, **kwargs)
@@ -82,6 +83,7 @@ def test_network_term_acts_only_on_conditioned_rows_and_element_logits(perov_val
         net.element_set_gate.bias.copy_(torch.tensor([1.5, -0.5]))
         net.element_set_gate.weight.normal_(generator=torch.Generator().manual_seed(4))
     after = run(conditions=conditions, condition_mask={"chemical_system": rows})
+    assert torch.isfinite(after.type_logits).all()
     assert torch.equal(after.coord_vectors, before.coord_vectors)
     assert torch.equal(after.lattice_matrix, before.lattice_matrix)
     on_conditioned_row = rows[batch.batch_index]
@@ -97,17 +99,31 @@ def test_network_term_acts_only_on_conditioned_rows_and_element_logits(perov_val
     assert torch.equal(dropped.type_logits, null.type_logits)
 
 
-def test_a_model_saved_without_the_gate_loads_with_its_zeros():
+def test_a_model_saved_without_the_gate_loads_with_its_zeros(perov_val):
     """A chemical-system model saved before the gate existed computes exactly what it did."""
     from xtalgen.models.diffusion import build_model
     from xtalgen.schema import ModelConfig
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(score_net=SMALL, conditions=CHEMSYS, adapters=True), {"mean_density": 0.05})
+    model = model.double().eval()
     older = {k: v for k, v in model.state_dict().items() if "element_set_gate" not in k}
     assert len(older) == len(model.state_dict()) - 2
-    restored = with_zero_additions(model, older)
-    assert all(torch.equal(restored[k], v) for k, v in model.state_dict().items())
+    model.load_state_dict(with_zero_additions(model, older), strict=True)
+
+    batch = flat_batch(structures_from_csv(perov_val, 3))
+    masked = torch.where(torch.arange(len(batch.atomic_numbers)) % 2 == 0, 0, batch.atomic_numbers)
+    t = torch.full((3,), 0.5, dtype=torch.float64)
+    system = {"chemical_system": _multi_hot("Ba-O-Ti", "Ca-O-Ti", "O-Sr-Ti")}
+
+    def logits():
+        return model.score_net(masked, batch.frac_coords, batch.lattice, batch.num_atoms, batch.batch_index, t,
+                               conditions=system).type_logits
+
+    with_gate = logits()
+    model.score_net.element_set_gate = None  # the network as it was before the gate
+    assert torch.equal(logits(), with_gate)
+    model.score_net.element_set_gate = ElementSetGate(SMALL.hidden).double()
     with torch.no_grad():
         model.score_net.element_set_gate.bias.fill_(1.0)
     with pytest.raises(ValueError, match="should start at zero"):

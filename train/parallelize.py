@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from xtalgen.batch import CrystalBatch
-from xtalgen.schema import OptimConfig
+from xtalgen.schema import ConfigError, OptimConfig
 
 log = logging.getLogger("xtalgen.train")
 
@@ -150,8 +150,17 @@ def save_engine_checkpoint(engine, root: Path, tag: str, client_state: dict) -> 
 
 def load_engine_checkpoint(engine, checkpoint_dir: Path) -> None:
     """Weights and optimizer state from `checkpoint_dir` (the LR schedule is the trainer's own)."""
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    try:
+        load_path, _ = engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    except RuntimeError as error:
+        if "Missing key(s)" not in str(error):
+            raise
+        # A network part added since the checkpoint was written (a zero-initialised addition such as the
+        # element-set gate): its optimizer state cannot be made up, so the run cannot go on exactly.
+        raise ConfigError(f"{checkpoint_dir} was written by an xtalgen whose network lacks parts this one has "
+                          f"({str(error).split('Missing key(s) in state_dict: ')[-1].split(',')[0]}, …); it cannot "
+                          f"resume. Keep its weights with `xtalgen train consolidate`, and start the run again") from None
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint at {checkpoint_dir}")
 
