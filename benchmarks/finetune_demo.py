@@ -322,19 +322,18 @@ def chemical_system(args, work: Path) -> None:
         xtalgen(*call)
     model = model_of(run_dir)
 
-    def compositions(csv: str) -> list:
-        return [Structure.from_str(c, fmt="cif").composition for c in pd.read_csv(SHARED_DATA / args.dataset / csv)["cif"]]
+    from xtalgen.evaluation.properties import chemical_system as system_of  # the evaluator's judge
 
-    def system_of(composition) -> str:
-        return "-".join(sorted(e.symbol for e in composition.elements))
+    def split(csv: str) -> list:
+        return [Structure.from_str(c, fmt="cif") for c in pd.read_csv(SHARED_DATA / args.dataset / csv)["cif"]]
 
-    test_compositions = compositions("test.csv")
-    seen, test = Counter(map(system_of, compositions("val.csv"))), Counter(map(system_of, test_compositions))
+    test_structures = split("test.csv")
+    seen, test = Counter(map(system_of, split("val.csv"))), Counter(map(system_of, test_structures))
     # A sceptical second count: the exact element set in a stoichiometry that test.csv has for that system
     # (all of Perov-5 is ABX3; one element per site type is not enough if a cation sits on an anion site).
     test_formulas = {}
-    for composition in test_compositions:
-        test_formulas.setdefault(system_of(composition), set()).add(composition.reduced_formula)
+    for structure in test_structures:
+        test_formulas.setdefault(system_of(structure), set()).add(structure.composition.reduced_formula)
     unseen = sorted((s for s in test if s not in seen), key=lambda s: (-test[s], s))[: args.targets]
     sets = variant_sets(args, work, "samples_chemsys", model, unseen, lambda s: f"chemical_system={s}")
     run_all(args.jobs, list(sets.values()))
@@ -342,7 +341,7 @@ def chemical_system(args, work: Path) -> None:
         total_hits = total = total_inside = total_known = 0
         for system in unseen:
             rows, structures = read_samples(Path(sets[system, gamma][3]))
-            made = [system_of(s.composition) for s in structures]
+            made = [system_of(s) for s in structures]
             hits = sum(m == system for m in made)
             inside = sum(set(m.split("-")) <= set(system.split("-")) for m in made)  # no element not asked for
             known = sum(s.composition.reduced_formula in test_formulas[system] for s in structures)
@@ -457,6 +456,7 @@ def space_group(args, work: Path) -> None:
                     "unconditional_groups": base_groups.most_common(5), "guidance": float(gamma),
                     "steps": args.steps, "sampler": args.sample_override, "tag": args.tag,
                     "finetune_steps": args.finetune_steps, "lr": args.lr, "symprec": 0.1})
+
 
 if __name__ == "__main__":
     sys.exit(main())
