@@ -29,6 +29,11 @@ Guidance: score = uncond + gamma (cond - uncond) for coordinates and lattice and
 type logits (p_gamma(x | y) ∝ p(x)^(1-gamma) p(x | y)^gamma), computed in one pass over a doubled
 batch. gamma = 1 is conditional-only and gamma = 0 unconditional (one pass each).
 
+Space-group constraint (`symmetry`, a `models.symmetry.SymmetryConstraint`, one template per
+structure): the prior and the state after every corrector, predictor and Heun stage are projected
+onto the template's symmetric set (lattice metric, Wyckoff orbits, one element per orbit), so every
+sample has at least the template's space group. None (the default) leaves sampling untouched.
+
 All randomness comes from `generator` (drawn on its device, then moved): the same generator state
 gives the same structures.
 """
@@ -44,6 +49,7 @@ from xtalgen.batch import CrystalBatch
 from xtalgen.models.coords_process import gaussian, wrap
 from xtalgen.models.diffusion import CrystalDiffusion, NoisyCrystals, Prediction
 from xtalgen.models.lattice_process import polar_symmetric, symmetric_noise
+from xtalgen.models.symmetry import SymmetryConstraint
 
 SAMPLING_EPS_T = 1e-3  # last time on the grid (MatterGen: eps_t = 1/N with N = 1000)
 PREDICTORS = ("ancestral", "heun")
@@ -90,6 +96,17 @@ def _prepare_conditions(model: CrystalDiffusion, conditions, num_structures: int
             value = value.expand(num_structures, *value.shape)  # one value for every structure
         prepared[name] = value
     return prepared
+
+
+def constrained(x: NoisyCrystals, symmetry: SymmetryConstraint) -> NoisyCrystals:
+    """The state projected onto the symmetric set of its templates (see `models.symmetry`)."""
+    return NoisyCrystals(
+        symmetry.types(x.atomic_numbers),
+        symmetry.coords(x.frac_coords),
+        symmetry.lattice(x.lattice),
+        x.num_atoms,
+        x.batch_index,
+    )
 
 
 def _doubled(x: NoisyCrystals) -> NoisyCrystals:
@@ -149,8 +166,10 @@ def _langevin_step_size(score, noise, index, num_structures, snr, alpha):
     return torch.where(score_norm > 0, step, torch.zeros_like(step))
 
 
-def corrector_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, coord_snr, lattice_snr, generator):
-    """One Langevin corrector step for coordinates and lattice (types have none)."""
+def corrector_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, coord_snr, lattice_snr, generator,
+                   symmetry: SymmetryConstraint | None = None):
+    """One Langevin corrector step for coordinates and lattice (types have none). Under a
+    `symmetry` constraint the noise is drawn in the symmetric set (`SymmetryConstraint.coord_tangent`)."""
     dtype, device = x.frac_coords.dtype, x.frac_coords.device
     num_structures = x.num_atoms.shape[0]
     all_structures = torch.arange(num_structures, device=device)
@@ -158,6 +177,8 @@ def corrector_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, coord_s
     sigma = model.coords.sigma(t[x.batch_index], x.num_atoms[x.batch_index])  # (N,)
     coord_score = pred.coords / sigma.unsqueeze(-1)
     z = gaussian(x.frac_coords.shape, generator=generator, device=device, dtype=dtype)
+    if symmetry is not None:
+        z = symmetry.coord_tangent(x.frac_coords, z)
     eps = _langevin_step_size(coord_score, z, x.batch_index, num_structures, coord_snr, 1.0)
     eps = eps[x.batch_index].unsqueeze(-1)
     frac = wrap(x.frac_coords + eps * coord_score + torch.sqrt(2 * eps) * z)
@@ -165,6 +186,8 @@ def corrector_step(model, x: NoisyCrystals, pred: Prediction, t, t_next, coord_s
     std = model.lattice.std(t, x.num_atoms)[:, None, None]
     lattice_score = pred.lattice / std
     z = symmetric_noise(num_structures, generator=generator, device=device, dtype=dtype)
+    if symmetry is not None:
+        z = symmetry.lattice_tangent(x.lattice, z)
     alpha = (model.lattice.mean_coeff(t) / model.lattice.mean_coeff(t_next)) ** 2
     eps = _langevin_step_size(lattice_score, z, all_structures, num_structures, lattice_snr, alpha)
     eps = eps[:, None, None]
@@ -264,6 +287,7 @@ def sample(
     time_power: float = 1.0,
     eta: float = 1.0,
     predictor: str = "ancestral",
+    symmetry: SymmetryConstraint | None = None,
 ) -> CrystalBatch:
     """Generate one structure per entry of `num_atoms` (B,) by predictor-corrector sampling.
 
@@ -284,14 +308,15 @@ def sample(
     try:
         return _sample(
             model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr,
-            guidance_scale, conditions, generator, progress, time_power, eta, predictor,
+            guidance_scale, conditions, generator, progress, time_power, eta, predictor, symmetry,
         )
     finally:
         model.train(was_training)
 
 
 def _sample(model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr,
-            guidance_scale, conditions, generator, progress, time_power, eta, predictor) -> CrystalBatch:
+            guidance_scale, conditions, generator, progress, time_power, eta, predictor,
+            symmetry=None) -> CrystalBatch:
     device, dtype = model.device, model.work_dtype
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
@@ -301,15 +326,18 @@ def _sample(model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr
     num_structures = num_atoms.shape[0]
     batch_index = torch.repeat_interleave(torch.arange(num_structures, device=device), num_atoms)
     conditions = _prepare_conditions(model, conditions, num_structures)
+    if symmetry is not None:
+        symmetry.check_sizes(num_atoms)
+    project = (lambda state: state) if symmetry is None else (lambda state: constrained(state, symmetry))
 
     total = int(num_atoms.sum())
-    x = NoisyCrystals(
+    x = project(NoisyCrystals(
         model.types.prior(total, device),
         model.coords.prior(total, generator=generator, device=device, dtype=dtype),
         model.lattice.prior(num_atoms, generator=generator, dtype=dtype),
         num_atoms,
         batch_index,
-    )
+    ))
     times = time_grid(num_steps, time_power)
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling", unit="step"):
         is_last = i == num_steps - 1
@@ -317,13 +345,15 @@ def _sample(model, num_atoms, num_steps, corrector_steps, coord_snr, lattice_snr
         t_next = torch.full_like(t, 0.0 if is_last else times[i + 1])
         for _ in range(corrector_steps):
             pred = guided_prediction(model, x, t, conditions, guidance_scale)
-            x = corrector_step(model, x, pred, t, t_next, coord_snr, lattice_snr, generator)
+            x = project(corrector_step(model, x, pred, t, t_next, coord_snr, lattice_snr, generator, symmetry))
         pred = guided_prediction(model, x, t, conditions, guidance_scale)
         if predictor == "heun":
             x = heun_step(model, x, pred, t, t_next, is_last, generator,
-                          lambda state, time: guided_prediction(model, state, time, conditions, guidance_scale))
+                          lambda state, time: guided_prediction(model, project(state), time, conditions,
+                                                                guidance_scale))
         else:
             x = predictor_step(model, x, pred, t, t_next, is_last, generator, eta)
+        x = project(x)
 
     present = {k: torch.ones(num_structures, dtype=torch.bool, device=device) for k in conditions}
     return CrystalBatch(

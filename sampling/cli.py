@@ -16,6 +16,7 @@ EPILOG = """examples:
   xtalgen sample runs/mp20 --out gap3 --condition dft_band_gap=3.0 --guidance 2.0
   xtalgen sample gap.pt --out wide --condition 'dft_band_gap>=3' --guidance 2.0   # a range target
   xtalgen sample model.pt --out licoo --condition chemical_system=Li-Co-O --num-atoms 12
+  xtalgen sample model.pt --out c2m --space-group 12 --templates train.csv   # symmetry of training C2/m crystals
   xtalgen sample model.pt --out fast --steps 50 sample.coord_snr=0.8 sample.time_power=2 sample.corrector_steps=2   # few steps
   xtalgen sample model.pt --out many --num-samples 5000 --batch-size 64 sample.compile=true   # compiled layers
   torchrun --nproc-per-node 4 -m xtalgen.cli sample model.pt --out big --num-samples 100000
@@ -58,6 +59,13 @@ def register(subparsers) -> None:
     parser.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
                         help="property to condition on, repeatable: NAME=VALUE, or for a scalar a range "
                              "'NAME>=X', 'NAME<=X', NAME=LOW..HIGH (targets drawn from the fine-tuning data in it)")
+    parser.add_argument("--space-group", type=int, metavar="N",
+                        help="make every structure with space group N (1-230): each is sampled under the "
+                             "symmetry (Wyckoff orbits, lattice system, atom count) of one structure of group N "
+                             "from --templates; a model fine-tuned on space_group is also conditioned on N")
+    parser.add_argument("--templates", metavar="PATH",
+                        help="structures to take --space-group templates from: shard set, CSV with a cif "
+                             "column, CIF folder or extxyz (normally the training data)")
     parser.add_argument("--seed", type=int, help="base seed (default 0); batch b draws from seed (seed, b)")
     parser.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--rank", type=int, help="this process's rank (default: RANK or SLURM_PROCID)")
@@ -185,6 +193,7 @@ def _sample_config(args: argparse.Namespace):
     flags = {
         "num_samples": args.num_samples, "batch_size": args.batch_size, "num_steps": args.steps,
         "guidance_scale": args.guidance, "num_atoms": args.num_atoms, "seed": args.seed,
+        "space_group": args.space_group, "templates": args.templates,
     }
     for name, value in flags.items():
         if value is not None:
@@ -199,10 +208,13 @@ def _sample_config(args: argparse.Namespace):
 def _check_sample_config(cfg) -> None:
     from xtalgen.schema import ConfigError
 
-    minimum = {"num_samples": 1, "batch_size": 1, "num_steps": 1, "corrector_steps": 0, "num_atoms": 0}
+    minimum = {"num_samples": 1, "batch_size": 1, "num_steps": 1, "corrector_steps": 0, "num_atoms": 0,
+               "space_group": 0}
     for key, low in minimum.items():
         if getattr(cfg, key) < low:
             raise ConfigError(f"config key 'sample.{key}': must be >= {low}, got {getattr(cfg, key)}")
+    if cfg.space_group > 230:
+        raise ConfigError(f"config key 'sample.space_group': must be 1-230 (0: unconstrained), got {cfg.space_group}")
     # guidance_scale: 0 is the unconditional model, 1 the conditional one, above 1 extrapolates past it;
     # below 0 would push samples away from the condition asked for, which nobody means to request.
     in_range = {"coord_snr": (lambda v: v >= 0, ">= 0"), "lattice_snr": (lambda v: v >= 0, ">= 0"),
@@ -221,7 +233,7 @@ def _warn_if_guidance_is_unused(args: argparse.Namespace, cfg) -> None:
     from xtalgen.schema import SampleConfig
 
     given = args.guidance is not None or cfg.guidance_scale != SampleConfig.guidance_scale
-    if given and not cfg.conditions:
+    if given and not cfg.conditions and not cfg.space_group:  # a space_group model gets its condition later
         print(f"xtalgen: warning: guidance scale {cfg.guidance_scale:g} has no effect without a --condition: "
               "the samples are unconditional", file=sys.stderr)
 

@@ -29,7 +29,8 @@ from xtalgen.sampling.conditions import (
     parse_conditions,
     request_to_json,
 )
-from xtalgen.sampling.plan import CONDITION_STREAM, NUM_ATOMS_STREAM, SamplingPlan
+from xtalgen.sampling.plan import CONDITION_STREAM, NUM_ATOMS_STREAM, TEMPLATE_STREAM, SamplingPlan
+from xtalgen.sampling.templates import TemplateSet, read_templates
 from xtalgen.sampling.writer import (
     MergeReport,
     PartWriter,
@@ -115,6 +116,9 @@ def request_record(cfg: SampleConfig, conditions: dict[str, ConditionRequest], c
     record.pop("out", None)
     if not record.get("compile"):  # eager, as every run before the option: those still resume
         record.pop("compile", None)
+    if not record.get("space_group"):  # unconstrained, as every run before the option
+        record.pop("space_group", None)
+        record.pop("templates", None)
     record["checkpoint"] = str(checkpoint)
     record["model_sha256"] = file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else ""
     record["conditions"] = request_to_json(conditions)
@@ -129,15 +133,29 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def batch_templates(templates: TemplateSet | None, plan: SamplingPlan, batch: int, cfg: SampleConfig) -> list | None:
+    """The symmetry templates of one batch (one per structure, its own random stream), or None."""
+    if templates is None:
+        return None
+    size = len(plan.batch_indices(batch))
+    return templates.draw(size, plan.generator(batch, TEMPLATE_STREAM, "cpu"), cfg.num_atoms)
+
+
 def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: SampleConfig,
                             plan: SamplingPlan, batch: int, conditions: dict[str, ConditionRequest],
-                            device: torch.device) -> tuple[list, dict[str, list]]:
+                            device: torch.device, templates: list | None = None) -> tuple[list, dict[str, list]]:
     """Run the sampler for one batch of the plan: (pymatgen structures in plan order, the
-    per-structure condition targets it was given, {name: [value per structure]})."""
+    per-structure condition targets it was given, {name: [value per structure]}). `templates`
+    (`batch_templates`) constrains each structure to one template's symmetry and size."""
     from xtalgen.models.sampler import sample, sample_num_atoms
+    from xtalgen.models.symmetry import SymmetryConstraint
 
     size = len(plan.batch_indices(batch))
-    if cfg.num_atoms > 0:
+    symmetry = None
+    if templates is not None:
+        symmetry = SymmetryConstraint(templates, device, model.work_dtype)
+        num_atoms = symmetry.num_atoms.cpu()
+    elif cfg.num_atoms > 0:
         num_atoms = torch.full((size,), cfg.num_atoms, dtype=torch.long)
     else:
         num_atoms = sample_num_atoms(stats, size, plan.generator(batch, NUM_ATOMS_STREAM, "cpu"))
@@ -157,6 +175,7 @@ def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: Sam
             guidance_scale=cfg.guidance_scale,
             conditions=cond,
             generator=plan.generator(batch, device=device),
+            symmetry=symmetry,
         )
     structures = batch_to_structures(
         out.lattice.detach().double().cpu().numpy(),
@@ -169,12 +188,14 @@ def sample_batch_structures(model, model_cfg: ModelConfig, stats: dict, cfg: Sam
 
 def batch_rows(plan: SamplingPlan, batch: int, cfg: SampleConfig,
                conditions: dict[str, ConditionRequest], structures: list,
-               band: tuple[float, float] | None = None, targets: dict[str, list] | None = None) -> list[dict]:
+               band: tuple[float, float] | None = None, targets: dict[str, list] | None = None,
+               templates: list | None = None) -> list[dict]:
     """Per-structure metadata lines. No rank or time in them: parts merge to the same bytes.
 
     Each line has the cell's volume per atom and, given a band (`physical_band`), `physical_cell`.
     `conditions` is the request as asked (a range as ">=3", what the evaluator judges against);
-    `targets` holds the point value this structure was given (a range's draw).
+    `targets` holds the point value this structure was given (a range's draw); `templates` the
+    symmetry template each structure was made under (its source id and Wyckoff letters).
     """
     requested = {k: str(v) if isinstance(v, Range) else v for k, v in conditions.items()}
     rows = []
@@ -194,6 +215,8 @@ def batch_rows(plan: SamplingPlan, batch: int, cfg: SampleConfig,
             "steps": cfg.num_steps,
             "volume_per_atom": round(volume_per_atom, 4),
             **({"physical_cell": band[0] <= volume_per_atom <= band[1]} if band else {}),
+            **({"template": {"space_group": templates[position].space_group, "source": templates[position].source,
+                             "wyckoffs": templates[position].wyckoffs}} if templates else {}),
         })
     return rows
 
@@ -223,12 +246,16 @@ def sample_to_directory(
     later `merge_parts` (a separate job after a Slurm array), so rank 0 does not wait.
     """
     out_dir = Path(out_dir)
-    conditions = parse_conditions(cfg.conditions, model_cfg.conditions)  # refused before out_dir exists
+    templates = symmetry_templates(cfg, model_cfg)  # refused, like the conditions, before out_dir exists
+    conditions = parse_conditions(cfg.conditions, model_cfg.conditions)
     check_ranges_samplable(conditions, stats)
     with DirectoryLock(out_dir, name=f".xtalgen-sample-rank{rank}.lock"):  # creates out_dir
         device = torch.device(device) if device is not None else default_device()
         plan = SamplingPlan(cfg.num_samples, cfg.batch_size, cfg.seed)
-        check_or_write_request(out_dir, request_record(cfg, conditions, checkpoint), informational=("checkpoint",))
+        request = request_record(cfg, conditions, checkpoint)
+        if templates is not None:
+            request["templates_sha256"] = templates.digest()  # the path may move; the templates may not change
+        check_or_write_request(out_dir, request, informational=("checkpoint", "templates"))
 
         writer = PartWriter(out_dir, plan, rank, world_size)
         done = committed_batches(out_dir, plan)
@@ -248,9 +275,10 @@ def sample_to_directory(
                    desc=f"sampling (rank {rank}/{world_size})", disable=not progress, dynamic_ncols=True)
         with bar:
             for batch in todo:
+                picks = batch_templates(templates, plan, batch, cfg)
                 structures, targets = sample_batch_structures(model, model_cfg, stats, cfg, plan, batch,
-                                                              conditions, device)
-                rows = batch_rows(plan, batch, cfg, conditions, structures, band, targets)
+                                                              conditions, device, picks)
+                rows = batch_rows(plan, batch, cfg, conditions, structures, band, targets, picks)
                 writer.write_batch(rows, structures)
                 made += len(structures)
                 unphysical += sum(not row.get("physical_cell", True) for row in rows)
@@ -268,6 +296,30 @@ def sample_to_directory(
             wait_for_all_batches(out_dir, plan, merge_wait_s, poll_s)
             report = merge_parts(out_dir, plan)
         return SamplingSummary(out_dir, rank, world_size, made, already, seconds, report, unphysical, band)
+
+
+def symmetry_templates(cfg: SampleConfig, model_cfg: ModelConfig) -> TemplateSet | None:
+    """The templates of `cfg.space_group` (None when unconstrained); a model conditioned on
+    `space_group` is also given that group as its condition, unless the request names another."""
+    from xtalgen.schema import ConfigError
+
+    if not cfg.space_group:
+        if cfg.templates:
+            raise ConfigError("sample.templates is set but sample.space_group is not: give --space-group N")
+        return None
+    if not cfg.templates:
+        raise ConfigError(f"space group {cfg.space_group} needs structures to take its templates from: "
+                          "give --templates PATH (the training shards, CSV or CIFs)")
+    asked = cfg.conditions.get("space_group")
+    if asked is not None and str(asked).strip() != str(cfg.space_group):
+        raise ConfigError(f"--space-group {cfg.space_group} contradicts --condition space_group={asked}")
+    if asked is None and any(c.name == "space_group" for c in model_cfg.conditions):
+        cfg.conditions = {**cfg.conditions, "space_group": str(cfg.space_group)}
+    templates = read_templates(cfg.templates, cfg.space_group)
+    print(f"space group {cfg.space_group}: {len(templates.templates)} templates of {templates.read} structures "
+          f"in {cfg.templates}" + (f" ({dict(templates.skipped)} skipped)" if templates.skipped else ""),
+          file=sys.stderr)
+    return templates
 
 
 def wait_for_all_batches(out_dir: Path, plan: SamplingPlan, timeout_s: float, poll_s: float) -> bool:

@@ -20,6 +20,7 @@ from xtalgen.launcher import launch_env
 NOISE_STREAM = 0
 NUM_ATOMS_STREAM = 1
 CONDITION_STREAM = 2  # per-structure targets drawn for a range condition
+TEMPLATE_STREAM = 3  # the symmetry template of each structure (`--space-group`)
 
 ID_PREFIX = "sample-"  # non-numeric, so extxyz readers keep ids as strings ("000012" would become 12)
 

@@ -24,6 +24,12 @@ class SampleConfig:
     guidance_scale: float = 1.0  # classifier-free guidance gamma; 1 = conditional only
     num_atoms: int = 0  # 0 = drawn from the training histogram
     conditions: dict[str, str] = field(default_factory=dict)
+    # Space-group constrained sampling (models/symmetry.py, sampling/templates.py): every structure
+    # is made under the symmetry of one structure of this space group (1-230) drawn from
+    # `templates` (a shard set, a CSV with a `cif` column, CIFs or extxyz: training structures),
+    # whose Wyckoff orbits also fix its atom count. 0 = unconstrained.
+    space_group: int = 0
+    templates: str = ""
     seed: int = 0
     # torch.compile the score network's layers (`models.score_net.compile_layers`): ~2x faster per
     # structure on CPU after a one-time compilation of 10-60 s; samples then agree with the eager
