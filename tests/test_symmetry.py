@@ -202,6 +202,26 @@ def test_read_templates_picks_one_group_and_refuses_clearly(tmp_path, templates)
         read_templates(tmp_path / "missing", 12)
 
 
+def test_templates_from_shards_with_stored_space_groups_match_the_cifs(tmp_path):
+    """Shards that store each record's group give the same templates as the CIFs they came from
+    (spglib then runs only on the records of the requested group)."""
+    from xtalgen.cli import main
+
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for name, (_, make, _) in CRYSTALS.items():
+        make().to(filename=str(folder / f"{name}.cif"))
+    shards = tmp_path / "shards"
+    assert main(["shard", "build", str(folder), "--out", str(shards), "--quiet", "shard.split=train",
+                 "reader.compute_space_group=true"]) == 0
+    for group in (12, 227):
+        from_shards, from_cifs = read_templates(shards, group), read_templates(folder, group)
+        assert len(from_shards.templates) == len(from_cifs.templates) == 1
+        shard_template, cif_template = from_shards.templates[0], from_cifs.templates[0]
+        assert sorted(shard_template.wyckoffs) == sorted(cif_template.wyckoffs)  # the sites may come in another order
+        assert shard_template.num_operations == cif_template.num_operations
+
+
 def test_sample_cli_with_a_space_group(tmp_path, capsys):
     """`xtalgen sample --space-group G --templates DIR` end to end: every structure has group G at
     the evaluator's tolerance or a supergroup of it, the template of each is recorded, a model
