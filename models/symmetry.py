@@ -24,14 +24,18 @@ The projections:
 
 * lattice: the group average G' = (1/m) sum_g R_g^T G R_g (idempotent, and positive definite when
   G is), then L' = G'^(1/2), the symmetric factor the lattice process keeps (`polar_symmetric`);
-* coordinates: each orbit's representative r takes the mean of its m images
-  R_g^-1 (x_{pi_g(r)} - t_g), each taken as the periodic image nearest x_r (every atom of the orbit
-  votes); that point is projected onto the template's Wyckoff position of r, the affine set
-  {p_r + V_r u} of points the site-symmetry group {g : pi_g(r) = r} fixes, through the template's
-  own (exactly symmetric) position p_r with V_r spanning the null space of the stacked R_g - I; and
-  every atom i of the orbit is placed at R_h x_r + t_h for one h with pi_h(r) = i. The result is
-  symmetric by construction, whatever the input, and each Wyckoff position keeps its letter (an
-  atom on the inversion centre at the origin stays there, not on the one at 1/2);
+* coordinates: each orbit's representative r moves to the point y of its Wyckoff position that
+  places the orbit closest to the current atoms, the least-squares fit
+  min_y sum_g |R_g y + t_g - x_{pi_g(r)}|^2 (each x_{pi_g(r)} the periodic image nearest
+  R_g x_r + t_g) over the affine set {p_r + V_r u} of points the site-symmetry group
+  {g : pi_g(r) = r} fixes, through the template's own (exactly symmetric) position p_r, with V_r
+  spanning the null space of the stacked R_g - I; then every atom i of the orbit is placed at
+  R_h y + t_h for one h with pi_h(r) = i. The result is symmetric by construction, whatever the
+  input, and each Wyckoff position keeps its letter (an atom on the inversion centre at the origin
+  stays there, not on the one at 1/2). Being a least-squares fit, the map is the orthogonal
+  projection (in fractional coordinates, where the coordinate noise is isotropic) near a symmetric
+  state, also where R_g is not orthogonal (hexagonal and trigonal cells), where a plain mean of
+  the images R_g^-1 (x_{pi_g(r)} - t_g) would project obliquely;
 * types: when any atom of an orbit is unmasked, all of them take the element of the first one.
 
 Written by hand because no library projects batched torch states onto a space group: spglib and
@@ -87,13 +91,21 @@ class SymmetryTemplate:
         """(n,) the smallest atom index of each atom's orbit (its representative)."""
         return self.permutations.min(axis=0)  # the orbit of i is {pi_g(i) : g}, the same set for every member
 
-    def site_projector(self, atom: int) -> np.ndarray:
-        """(3, 3) orthogonal projector onto the directions atom `atom` may move in, keeping its
-        site symmetry: the null space of R_g - I stacked over the operations that fix it."""
+    def site_basis(self, atom: int) -> np.ndarray:
+        """(d, 3) orthonormal directions atom `atom` may move in, keeping its site symmetry (d = 0..3):
+        the null space of R_g - I stacked over the operations that fix it."""
         fixing = self.rotations[self.permutations[:, atom] == atom] - np.eye(3)  # (k, 3, 3)
         _, singular, vt = np.linalg.svd(fixing.reshape(-1, 3))
-        free = vt[singular < NULL_SPACE_TOL]  # (d, 3), d = 0..3 free parameters
-        return free.T @ free
+        return vt[singular < NULL_SPACE_TOL]
+
+    def site_solver(self, atom: int) -> np.ndarray:
+        """(3, 3) K = V^T (V A V^T)^-1 V with A = sum_g R_g^T R_g: the least-squares step of the
+        representative `atom` within its Wyckoff position (module docstring); 0 if nothing is free."""
+        free = self.site_basis(atom)  # (d, 3)
+        if len(free) == 0:
+            return np.zeros((3, 3))
+        normal = np.einsum("gji,gjk->ik", self.rotations, self.rotations)  # (3, 3) sum_g R_g^T R_g
+        return free.T @ np.linalg.inv(free @ normal @ free.T) @ free
 
 
 class SymmetryConstraint:
@@ -114,13 +126,14 @@ class SymmetryConstraint:
         rot = np.tile(np.eye(3), (len(templates), num_ops, 1, 1))  # (B, M, 3, 3)
         op_valid = np.zeros((len(templates), num_ops), dtype=bool)  # (B, M)
         source = np.tile(np.arange(total)[:, None], (1, num_ops))  # (N, M) global pi_g(i)
-        inverse = np.tile(np.eye(3), (total, num_ops, 1, 1))  # (N, M, 3, 3) R_g^-1
+        forward = np.zeros((total, num_ops, 3, 3))  # (N, M, 3, 3) R_g of the atom's structure (0: padding)
         shift = np.zeros((total, num_ops, 3))  # (N, M, 3) t_g
         representative = np.zeros(total, dtype=np.int64)  # (N,) global index of the orbit's first atom
         place_rot = np.tile(np.eye(3), (total, 1, 1))  # (N, 3, 3) R_h with pi_h(r) = i
         place_shift = np.zeros((total, 3))  # (N, 3) t_h
         anchor = np.zeros((total, 3))  # (N, 3) the template's position of the atom's representative
-        projector = np.zeros((total, 3, 3))  # (N, 3, 3) onto the representative's free directions
+        normal = np.zeros((total, 3, 3))  # (N, 3, 3) A = sum_g R_g^T R_g
+        solver = np.zeros((total, 3, 3))  # (N, 3, 3) K of the atom as a representative (`site_solver`)
         offset = 0
         for b, template in enumerate(templates):
             m, n = template.num_operations, template.num_atoms
@@ -128,12 +141,13 @@ class SymmetryConstraint:
             rot[b, :m] = template.rotations
             op_valid[b, :m] = True
             source[atoms, :m] = offset + template.permutations.T
-            inverse[atoms, :m] = np.rint(np.linalg.inv(template.rotations))[None]
+            forward[atoms, :m] = template.rotations[None]
             shift[atoms, :m] = template.translations[None]
             reps = template.orbits()
             representative[atoms] = offset + reps
-            anchor[atoms] = template.positions[reps]
-            projector[atoms] = np.stack([template.site_projector(int(r)) for r in reps])
+            anchor[atoms] = template.positions
+            normal[atoms] = np.einsum("gji,gjk->ik", template.rotations, template.rotations)[None]
+            solver[atoms] = np.stack([template.site_solver(i) for i in range(n)])
             for i in range(n):  # one operation carrying the representative onto atom i
                 g = int(np.flatnonzero(template.permutations[:, reps[i]] == i)[0])
                 place_rot[offset + i] = template.rotations[g]
@@ -146,13 +160,14 @@ class SymmetryConstraint:
         self.rot = tensor(rot)
         self.op_weight = tensor(op_valid)  # (B, M): 1 for a real operation
         self.source = tensor(source, torch.long)
-        self.inverse = tensor(inverse)
+        self.forward = tensor(forward)
         self.shift = tensor(shift)
         self.representative = tensor(representative, torch.long)
         self.place_rot = tensor(place_rot)
         self.place_shift = tensor(place_shift)
         self.anchor = tensor(anchor)
-        self.projector = tensor(projector)
+        self.normal = tensor(normal)
+        self.solver = tensor(solver)
         batch_index = torch.repeat_interleave(torch.arange(len(templates), device=device), self.num_atoms)
         self.atom_op_weight = self.op_weight[batch_index]  # (N, M)
 
@@ -169,15 +184,22 @@ class SymmetryConstraint:
         return vectors @ torch.diag_embed(root) @ vectors.transpose(1, 2)
 
     def coords(self, frac: torch.Tensor) -> torch.Tensor:
-        """(N, 3) fractional coordinates -> symmetric ones in [0, 1), (N, 3)."""
-        images = torch.einsum("nmij,nmj->nmi", self.inverse, frac[self.source] - self.shift)  # (N, M, 3)
-        offset = images - frac[:, None]
-        offset = offset - torch.round(offset)  # the periodic image nearest the atom
-        weight = self.atom_op_weight[..., None]
-        voted = frac + (offset * weight).sum(1) / weight.sum(1)  # (N, 3) the orbit's mean, seen from each atom
-        away = voted - self.anchor
+        """(N, 3) fractional coordinates -> symmetric ones in [0, 1), (N, 3).
+
+        Every row is fitted as if it were its orbit's representative (only the representatives'
+        fits are used). For the atom at x (taken as the image nearest p) and miss_g =
+        R_g x + t_g - x_{pi_g(r)} (nearest image), the normal equations of the fit give
+        y = p + K (A (x - p) - sum_g R_g^T miss_g), with A and K of `SymmetryTemplate.site_solver`.
+        """
+        away = frac - self.anchor  # (N, 3) x - p, nearest image
         away = away - torch.round(away)
-        site = self.anchor + torch.einsum("nij,nj->ni", self.projector, away)  # on the Wyckoff position
+        image = torch.einsum("nmij,nj->nmi", self.forward, frac) + self.shift  # (N, M, 3) R_g x + t_g
+        miss = image - frac[self.source]
+        miss = miss - torch.round(miss)  # (N, M, 3) the lift of each image
+        residual_pull = torch.einsum("nmji,nmj->ni", self.forward, miss)  # (N, 3) sum_g R_g^T miss_g (padding: R = 0)
+        # y = p + K (A (x - p) - sum_g R_g^T miss_g): on the Wyckoff position, since K's range is V
+        site = self.anchor + torch.einsum("nij,nj->ni", self.solver,
+                                          torch.einsum("nij,nj->ni", self.normal, away) - residual_pull)
         placed = torch.einsum("nij,nj->ni", self.place_rot, site[self.representative]) + self.place_shift
         return wrap(placed)
 

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     model, model_cfg, stats, checkpoint = load_for_sampling(args.checkpoint)
     _check_same_checkpoint(Path(args.out), checkpoint)
     if rank == 0:  # one warning per job, not one per rank
-        _warn_if_guidance_is_unused(args, cfg)
+        _warn_if_guidance_is_unused(args, cfg, model_cfg)
     summary = sample_to_directory(
         model, model_cfg, stats, cfg, args.out,
         checkpoint=str(checkpoint),
@@ -226,14 +226,16 @@ def _check_sample_config(cfg) -> None:
             raise ConfigError(f"config key 'sample.{key}': must be finite and {allowed}, got {value}")
 
 
-def _warn_if_guidance_is_unused(args: argparse.Namespace, cfg) -> None:
+def _warn_if_guidance_is_unused(args: argparse.Namespace, cfg, model_cfg) -> None:
     """Guidance mixes the conditional and unconditional predictions; with no condition there is only
     the unconditional one, so a scale the user set changes nothing and would otherwise go unnoticed
     (it is still recorded in request.json and samples.jsonl, as given)."""
     from xtalgen.schema import SampleConfig
 
     given = args.guidance is not None or cfg.guidance_scale != SampleConfig.guidance_scale
-    if given and not cfg.conditions and not cfg.space_group:  # a space_group model gets its condition later
+    # --space-group also conditions a model fine-tuned on space_group (sampling.driver.symmetry_templates)
+    conditioned = cfg.conditions or (cfg.space_group and any(c.name == "space_group" for c in model_cfg.conditions))
+    if given and not conditioned:
         print(f"xtalgen: warning: guidance scale {cfg.guidance_scale:g} has no effect without a --condition: "
               "the samples are unconditional", file=sys.stderr)
 

@@ -316,6 +316,7 @@ def symmetry_templates(cfg: SampleConfig, model_cfg: ModelConfig) -> TemplateSet
     if asked is None and any(c.name == "space_group" for c in model_cfg.conditions):
         cfg.conditions = {**cfg.conditions, "space_group": str(cfg.space_group)}
     templates = read_templates(cfg.templates, cfg.space_group)
+    templates.check_size(cfg.num_atoms)
     print(f"space group {cfg.space_group}: {len(templates.templates)} templates of {templates.read} structures "
           f"in {cfg.templates}" + (f" ({dict(templates.skipped)} skipped)" if templates.skipped else ""),
           file=sys.stderr)

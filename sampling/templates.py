@@ -100,18 +100,23 @@ class TemplateSet:
         """sha256 of what the templates are (a resumed sampling run must use the same)."""
         digest = hashlib.sha256()
         for t in self.templates:
-            for array in (t.rotations, np.round(t.translations, 6), t.permutations):
+            for array in (t.rotations, np.round(t.translations, 6), t.permutations, np.round(t.positions, 6)):
                 digest.update(np.ascontiguousarray(array).tobytes())
-            digest.update(t.source.encode())
+            digest.update(f"{t.source}\0{t.wyckoffs}\0".encode())
         return digest.hexdigest()
 
-    def draw(self, count: int, generator: torch.Generator, num_atoms: int = 0) -> list[SymmetryTemplate]:
-        """`count` templates drawn uniformly (with replacement); `num_atoms` > 0 keeps that size only."""
+    def check_size(self, num_atoms: int) -> list[SymmetryTemplate]:
+        """The templates of `num_atoms` atoms (all for 0); TemplateError if there is none."""
         pool = [t for t in self.templates if num_atoms <= 0 or t.num_atoms == num_atoms]
         if not pool:
             sizes = sorted({t.num_atoms for t in self.templates})
             raise TemplateError(f"no template of space group {self.space_group} in {self.path} has "
                                 f"{num_atoms} atoms (their sizes: {sizes})")
+        return pool
+
+    def draw(self, count: int, generator: torch.Generator, num_atoms: int = 0) -> list[SymmetryTemplate]:
+        """`count` templates drawn uniformly (with replacement); `num_atoms` > 0 keeps that size only."""
+        pool = self.check_size(num_atoms)
         picks = torch.randint(len(pool), (count,), generator=generator)
         return [pool[int(i)] for i in picks]
 

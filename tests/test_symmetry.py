@@ -66,8 +66,14 @@ def test_template_of_a_known_crystal_in_any_cell(name, templates):
     other.make_supercell([[1, 1, 0], [0, 1, 0], [0, 0, 2]])
     again = template_of(other)
     assert again.space_group == group and again.num_atoms == primitive_atoms
-    # the template's own positions are exactly symmetric in its own (idealised) cell
+    # the template's own positions are exactly symmetric in its own (idealised) cell, also when
+    # the crystal it was read from is only symmetric within spglib's tolerance
     _assert_symmetric(template, template.positions, _ideal_lattice(template))
+    jiggled = make()
+    jiggled.perturb(0.02, min_distance=0.01)
+    rough = template_of(jiggled)
+    assert rough.space_group == group
+    _assert_symmetric(rough, rough.positions, _ideal_lattice(rough), tol=1e-12)
 
 
 def _ideal_lattice(template: SymmetryTemplate) -> np.ndarray:
@@ -131,6 +137,28 @@ def test_special_positions_keep_their_wyckoff_site(templates):
     assert np.abs(delta - np.round(delta)).max() < 1e-12
 
 
+def test_the_projection_is_orthogonal_near_a_symmetric_state_in_a_hexagonal_cell():
+    """P-3 (R_g not orthogonal in fractional coordinates): the tangent map J of the projection is
+    idempotent and symmetric, so noise keeps its isotropy in the free directions."""
+    structure = Structure.from_spacegroup(147, Lattice.hexagonal(4.0, 5.0), ["C", "C"],
+                                          [[0.11, 0.33, 0.21], [1 / 3, 2 / 3, 0.4]])
+    template = template_of(structure)
+    assert template.space_group == 147
+    constraint = SymmetryConstraint([template], "cpu", torch.float64)
+    frac = constraint.coords(torch.as_tensor(template.positions) + 0.02)
+    size = frac.numel()
+    jacobian = torch.zeros(size, size, dtype=torch.float64)
+    h = 1e-6
+    for k in range(size):
+        step = torch.zeros(size, dtype=torch.float64)
+        step[k] = h
+        moved = constraint.coords(frac + step.reshape(frac.shape)) - frac
+        jacobian[:, k] = (moved - moved.round()).reshape(-1) / h
+    assert torch.allclose(jacobian @ jacobian, jacobian, atol=1e-6)
+    assert torch.allclose(jacobian, jacobian.T, atol=1e-6)
+    assert round(float(jacobian.trace())) == 4  # x, y, z of 6g and z of 2d
+
+
 def test_types_are_tied_within_orbits(templates):
     c2m = templates["c2m"]  # orbits of 4 (8j in the conventional cell) and 2 (4i) atoms
     constraint = SymmetryConstraint([c2m, c2m], "cpu", torch.float64)
@@ -180,6 +208,20 @@ def test_sampler_under_constraint_makes_symmetric_structures_of_the_template_siz
         offset += template.num_atoms
     with pytest.raises(ValueError, match="atom counts differ"):
         sample(model, torch.tensor([2, 6, 4]), num_steps=1, symmetry=constraint)
+
+
+def test_heun_and_float32_sampling_stay_symmetric(templates):
+    model = tiny_model().float()
+    batch = [templates["graphite"], templates["c2m"]]
+    constraint = SymmetryConstraint(batch, "cpu", torch.float32)
+    out = sample(model, constraint.num_atoms, num_steps=3, symmetry=constraint, predictor="heun",
+                 generator=torch.Generator().manual_seed(1))
+    assert out.frac_coords.dtype == torch.float32
+    offset = 0
+    for b, template in enumerate(batch):
+        atoms = slice(offset, offset + template.num_atoms)
+        _assert_symmetric(template, out.frac_coords[atoms].double().numpy(), out.lattice[b].double().numpy(), tol=1e-5)
+        offset += template.num_atoms
 
 
 def test_read_templates_picks_one_group_and_refuses_clearly(tmp_path, templates):
@@ -267,7 +309,9 @@ def test_sample_cli_with_a_space_group(tmp_path, capsys):
                          (["--space-group", "231", "--templates", str(folder)], "must be 1-230"),
                          (["--space-group", "225", "--templates", str(folder)], "none of the 5 structures"),
                          (["--space-group", "12", "--templates", str(folder), "--condition", "space_group=2"],
-                          "contradicts")):
+                          "contradicts"),
+                         (["--space-group", "12", "--templates", str(folder), "--num-atoms", "4"],
+                          "has 4 atoms (their sizes: [2])")):
         target = tmp_path / "bad"
         assert main(["sample", str(model), "--out", str(target), "--no-progress", *bad]) == 2
         err = capsys.readouterr().err
