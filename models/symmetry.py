@@ -207,7 +207,7 @@ class SymmetryConstraint:
     # The Langevin corrector sizes its step from |noise| / |score| (`models.sampler`). At a symmetric
     # state the score lies in the few directions the symmetry leaves free (one parameter of a 3c
     # position instead of six coordinates, two of a rhombohedral cell instead of nine), so full-space
-    # noise would make the step too large by their ratio: on R-3m carbon it blew 20 % of the cells
+    # noise would make the step too large by their ratio: on R-3m carbon it blew 22-36 % of the cells
     # up to 10^3-10^8 Å^3/atom. The corrector therefore draws its noise in the symmetric set: the
     # tangent of the projection at the current state, by a finite difference of step h.
     def coord_tangent(self, frac: torch.Tensor, noise: torch.Tensor, h: float = 1e-3) -> torch.Tensor:
