@@ -23,7 +23,11 @@ step is an `xtalgen` command a user would type (printed before it runs):
   system (a cation on an anion site makes the exact set, but no perovskite).
 * space_group (Carbon-24 by default): shards with the space group computed by spglib; samples
   for the most common space groups of test.csv; the fraction with that space group (spglib,
-  symprec 0.1).
+  symprec 0.1). With `--wyckoff` every set (the fine-tuned model's and the base's) is sampled
+  under the symmetry of val.csv structures of the requested group (`xtalgen sample --space-group G
+  --templates val.csv`), and each sample is also matched (StructureMatcher) against the val.csv
+  structures of its group and size, so a copy of the training data would show:
+      python benchmarks/finetune_demo.py space_group --base B --wyckoff --guidance 1,2
 
 chemical_system and space_group sample at γ = 2 unless `--guidance` lists others (one result row
 per γ); `--steps`, `--sample-override KEY=VALUE` and `--tag` sample variants of one fine-tuned model
@@ -83,6 +87,9 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, action="append", default=[],
                         help="chemical_system: another WORK directory whose results the plot shows beside these "
                              "(repeatable), e.g. a model fine-tuned otherwise")
+    parser.add_argument("--wyckoff", action="store_true",
+                        help="space_group: sample under templates of the requested group from val.csv "
+                             "(tag 'wyckoff' unless --tag); the base is sampled so too")
     parser.add_argument("--full", action="store_true",
                         help="fine-tune every weight (finetune.full=true) instead of the adapters only")
     args = parser.parse_args()
@@ -91,6 +98,10 @@ def main() -> int:
                      "(the sample directories of another setting are kept)")
     if args.task == "band_gap" and args.sample_override:
         parser.error("--sample-override is for chemical_system and space_group")
+    if args.wyckoff and args.task != "space_group":
+        parser.error("--wyckoff is for space_group")
+    if args.wyckoff:
+        args.tag = args.tag or "wyckoff"
     args.guidance = args.guidance or ("0,1,2,4" if args.task == "band_gap" else "2")
     args.dataset = args.dataset or ("carbon_24" if args.task == "space_group" else "perov_5")
     work = Path(args.work or REPO / "build" / "finetune" / args.dataset)
@@ -146,16 +157,18 @@ def sample_call(args, model: Path, out: Path, *extra: str, count: int | None = N
             "--steps", str(args.steps), "--no-progress", *FEW_STEPS, *extra)
 
 
-def variant_sets(args, work: Path, prefix: str, model: Path, targets: list, condition) -> dict:
+def variant_sets(args, work: Path, prefix: str, model: Path, targets: list, condition, extra=lambda _: []) -> dict:
     """Sample calls keyed by (target, γ) for each γ of `--guidance`. The directory of γ = 2 with the
-    default sampler keeps its plain name (`prefix_target`), so earlier results are reused."""
+    default sampler keeps its plain name (`prefix_target`), so earlier results are reused.
+    `extra(target)`: more arguments of that target's calls."""
     sets = {}
     for gamma in [g.strip() for g in args.guidance.split(",")]:
         suffix = "" if gamma == "2" and not args.tag else f"_g{gamma}" + (f"_{args.tag}" if args.tag else "")
         for target in targets:
             sets[target, gamma] = sample_call(args, model, work / f"{prefix}_{target}{suffix}",
                                               "--condition", condition(target), "--guidance", gamma,
-                                              *args.sample_override, count=max(1, args.count // len(targets)))
+                                              *args.sample_override, *extra(target),
+                                              count=max(1, args.count // len(targets)))
     return sets
 
 
@@ -420,6 +433,7 @@ def space_group(args, work: Path) -> None:
     from pymatgen.core import Structure
 
     from xtalgen.evaluation.properties import space_group_number as number  # the evaluator's judge
+    from xtalgen.evaluation.validity import min_interatomic_distance, structural_validity
 
     shard_dir = shards(args, work, "reader.compute_space_group=true")
     run_dir = work / "spacegroup"
@@ -428,34 +442,126 @@ def space_group(args, work: Path) -> None:
         xtalgen(*call)
     model = model_of(run_dir)
 
+    val_csv = SHARED_DATA / args.dataset / "val.csv"
     frame = pd.read_csv(SHARED_DATA / args.dataset / "test.csv")
     test = Counter(number(Structure.from_str(c, fmt="cif")) for c in frame["cif"])
     groups = [g for g, _ in test.most_common() if g is not None][: args.targets]
-    sets = variant_sets(args, work, "samples_sg", model, groups, lambda g: f"space_group={g}")
+    per_group = max(1, args.count // len(groups))
+
+    def constrained(group) -> list[str]:
+        return ["--space-group", str(group), "--templates", str(val_csv)] if args.wyckoff else []
+
+    sets = variant_sets(args, work, "samples_sg", model, groups, lambda g: f"space_group={g}",
+                        extra=constrained)
     base_dir = work / ("samples_sg_base" + (f"_{args.tag}" if args.tag else ""))
-    base_call = sample_call(args, Path(args.base), base_dir, *args.sample_override,
-                            count=max(1, args.count // len(groups)) * len(groups))
-    run_all(args.jobs, [*sets.values(), base_call])
-    base_rows, base_structures = read_samples(base_dir)
+    base_sets = {None: sample_call(args, Path(args.base), base_dir, *args.sample_override, count=per_group * len(groups))}
+    if args.wyckoff:  # the base under the same templates: what the constraint does without any fine-tuning
+        base_sets = {g: sample_call(args, Path(args.base), Path(f"{base_dir}_{g}"), *args.sample_override,
+                                    *constrained(g), count=per_group) for g in groups}
+    run_all(args.jobs, [*sets.values(), *base_sets.values()])
+    base_structures = [s for call in base_sets.values() for s in read_samples(Path(call[3]))[1]]
     base_groups = Counter(number(s) for s in base_structures)
-    for gamma in dict.fromkeys(g for _, g in sets):
+    reference = val_by_group_and_size(val_csv, number) if args.wyckoff else None
+    labelled = [(gamma, {g: Path(sets[g, gamma][3]) for g in groups}) for gamma in dict.fromkeys(g for _, g in sets)]
+    if args.wyckoff:
+        labelled.append(("base", {g: Path(base_sets[g][3]) for g in groups}))
+    outcomes = {}  # (set label, group) -> counts for the plot
+    for gamma, directories in labelled:
         total_hits = total = 0
+        copies, kept = [], []
         for group in groups:
-            rows, structures = read_samples(Path(sets[group, gamma][3]))
+            rows, structures = read_samples(directories[group])
             made = [number(s) for s in structures]
             hits = sum(m == group for m in made)
             total_hits, total = total_hits + hits, total + len(made)
+            extra = {}
+            if reference is not None:
+                copied = [copy_of_training(s, reference.get((group, primitive_size(s)), [])) for s in structures]
+                valid = [structural_validity(s).valid and row.get("physical_cell", True)
+                         for s, row in zip(structures, rows)]
+                new_hits = [m == group and v and not c for m, v, c in zip(made, valid, copied)]
+                copies, kept = copies + copied, kept + new_hits
+                outcomes[gamma, group] = {"new": sum(new_hits), "copy": sum(m == group and c for m, c in zip(made, copied)),
+                                          "invalid": sum(m == group and not v and not c
+                                                         for m, v, c in zip(made, valid, copied)),
+                                          "other": len(made) - hits}
+                extra = {"copies_of_val": sum(copied), "valid": sum(valid), "exact_valid_new": sum(new_hits),
+                         "shortest_distance_median": round(float(np.median(
+                             [min_interatomic_distance(s) for s in structures])), 3)}
             emit(work, {"benchmark": "finetune_space_group", "trained_on": "val.csv", "space_group": group,
-                        "guidance": float(gamma), "tag": args.tag, "count": len(made), "exact": hits,
-                        "fraction": round(hits / len(made), 4),
+                        "guidance": gamma if gamma == "base" else float(gamma), "tag": args.tag, "count": len(made),
+                        "exact": hits, "fraction": round(hits / len(made), 4),
                         "unconditional_fraction": round(base_groups[group] / len(base_structures), 4),
-                        "made": Counter(made).most_common(3), "physical_rate": round(physical_rate(rows), 4)})
+                        "made": Counter(made).most_common(3), "physical_rate": round(physical_rate(rows), 4), **extra})
         emit(work, {"benchmark": "finetune_space_group", "trained_on": "val.csv", "space_group": "all",
                     "targets": len(groups), "count": total, "exact": total_hits,
                     "fraction": round(total_hits / total, 4), "fraction_95ci": wilson(total_hits, total),
-                    "unconditional_groups": base_groups.most_common(5), "guidance": float(gamma),
-                    "steps": args.steps, "sampler": args.sample_override, "tag": args.tag,
-                    "finetune_steps": args.finetune_steps, "lr": args.lr, "symprec": 0.1})
+                    "unconditional_groups": base_groups.most_common(5),
+                    "guidance": gamma if gamma == "base" else float(gamma),
+                    "steps": args.steps, "sampler": args.sample_override, "tag": args.tag, "wyckoff": args.wyckoff,
+                    "finetune_steps": args.finetune_steps, "lr": args.lr, "symprec": 0.1,
+                    **({"copies_of_val": sum(copies), "exact_valid_new": sum(kept),
+                        "exact_valid_new_95ci": wilson(sum(kept), total)} if reference is not None else {})})
+    if outcomes:
+        plot_space_group(outcomes, groups, work / f"space_group_{args.tag}.png")
+
+
+def plot_space_group(outcomes: dict, groups: list, path: Path) -> None:
+    """Per requested group and sample set: requested group and valid and new / a copy of val.csv /
+    not valid / another group (a supergroup, or none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(label for label, _ in outcomes))
+    kinds = [("new", "requested group, valid, new", "tab:green"), ("copy", "requested group, copy of val.csv", "tab:orange"),
+             ("invalid", "requested group, not valid", "tab:red"), ("other", "another group", "tab:grey")]
+    fig, axis = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        xs = np.arange(len(groups)) + (j - (len(labels) - 1) / 2) * width
+        bottom = np.zeros(len(groups))
+        for key, name, colour in kinds:
+            counts = np.array([outcomes[label, g][key] / sum(outcomes[label, g].values()) for g in groups])
+            axis.bar(xs, counts, width * 0.95, bottom=bottom, color=colour, edgecolor="white", linewidth=0.3,
+                     label=name if j == 0 else None)
+            bottom += counts
+        for x in xs:
+            axis.text(x, 1.01, "base" if label == "base" else f"γ{label}", ha="center", fontsize=6)
+    axis.set_xticks(np.arange(len(groups)), [f"SG {g}" for g in groups])
+    axis.set(ylabel="fraction of samples", ylim=(0, 1.08),
+             title="Carbon-24 (trained on val.csv), sampled under val.csv templates of each space group")
+    fig.legend(fontsize=8, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def val_by_group_and_size(val_csv: Path, number) -> dict:
+    """{(space group, atoms in the primitive cell): [val.csv structures]}: what a sample of that
+    group and size could be a copy of (the templates are primitive cells; val.csv's need not be)."""
+    import pandas as pd
+    from pymatgen.core import Structure
+
+    found: dict = {}
+    for cif in pd.read_csv(val_csv)["cif"]:
+        structure = Structure.from_str(cif, fmt="cif")
+        found.setdefault((number(structure), primitive_size(structure)), []).append(structure)
+    return found
+
+
+def primitive_size(structure) -> int:
+    return len(structure.get_primitive_structure(tolerance=0.1))
+
+
+def copy_of_training(structure, candidates: list) -> bool:
+    """Does the sample match (StructureMatcher, the evaluator's settings) a training structure?"""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher(ltol=0.2, stol=0.3, angle_tol=5)
+    return any(matcher.fit(structure, other) for other in candidates)
+
 
 
 if __name__ == "__main__":
