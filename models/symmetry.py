@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from xtalgen.models.coords_process import wrap
+from xtalgen.models.types_process import MASK_TOKEN
 
 NULL_SPACE_TOL = 1e-8
 
@@ -126,13 +127,11 @@ class SymmetryConstraint:
         rot = np.tile(np.eye(3), (len(templates), num_ops, 1, 1))  # (B, M, 3, 3)
         op_valid = np.zeros((len(templates), num_ops), dtype=bool)  # (B, M)
         source = np.tile(np.arange(total)[:, None], (1, num_ops))  # (N, M) global pi_g(i)
-        forward = np.zeros((total, num_ops, 3, 3))  # (N, M, 3, 3) R_g of the atom's structure (0: padding)
         shift = np.zeros((total, num_ops, 3))  # (N, M, 3) t_g
         representative = np.zeros(total, dtype=np.int64)  # (N,) global index of the orbit's first atom
         place_rot = np.tile(np.eye(3), (total, 1, 1))  # (N, 3, 3) R_h with pi_h(r) = i
         place_shift = np.zeros((total, 3))  # (N, 3) t_h
         anchor = np.zeros((total, 3))  # (N, 3) the template's position of the atom's representative
-        normal = np.zeros((total, 3, 3))  # (N, 3, 3) A = sum_g R_g^T R_g
         solver = np.zeros((total, 3, 3))  # (N, 3, 3) K of the atom as a representative (`site_solver`)
         offset = 0
         for b, template in enumerate(templates):
@@ -141,12 +140,10 @@ class SymmetryConstraint:
             rot[b, :m] = template.rotations
             op_valid[b, :m] = True
             source[atoms, :m] = offset + template.permutations.T
-            forward[atoms, :m] = template.rotations[None]
             shift[atoms, :m] = template.translations[None]
             reps = template.orbits()
             representative[atoms] = offset + reps
             anchor[atoms] = template.positions
-            normal[atoms] = np.einsum("gji,gjk->ik", template.rotations, template.rotations)[None]
             solver[atoms] = np.stack([template.site_solver(i) for i in range(n)])
             for i in range(n):  # one operation carrying the representative onto atom i
                 g = int(np.flatnonzero(template.permutations[:, reps[i]] == i)[0])
@@ -160,16 +157,16 @@ class SymmetryConstraint:
         self.rot = tensor(rot)
         self.op_weight = tensor(op_valid)  # (B, M): 1 for a real operation
         self.source = tensor(source, torch.long)
-        self.forward = tensor(forward)
         self.shift = tensor(shift)
         self.representative = tensor(representative, torch.long)
         self.place_rot = tensor(place_rot)
         self.place_shift = tensor(place_shift)
         self.anchor = tensor(anchor)
-        self.normal = tensor(normal)
         self.solver = tensor(solver)
         batch_index = torch.repeat_interleave(torch.arange(len(templates), device=device), self.num_atoms)
-        self.atom_op_weight = self.op_weight[batch_index]  # (N, M)
+        # per atom: its structure's R_g, zero on padding, and A = sum_g R_g^T R_g
+        self.forward = (self.rot * self.op_weight[..., None, None])[batch_index]  # (N, M, 3, 3)
+        self.normal = torch.einsum("nmji,nmjk->nik", self.forward, self.forward)  # (N, 3, 3)
 
     # --- projections ---------------------------------------------------------------------------
     def lattice(self, lattice: torch.Tensor) -> torch.Tensor:
@@ -219,7 +216,7 @@ class SymmetryConstraint:
         """(B, 3, 3) noise -> its component along the symmetric lattices at `lattice`."""
         return (self.lattice(lattice + h * noise) - self.lattice(lattice)) / h
 
-    def types(self, atomic_numbers: torch.Tensor, mask_token: int = 0) -> torch.Tensor:
+    def types(self, atomic_numbers: torch.Tensor, mask_token: int = MASK_TOKEN) -> torch.Tensor:
         """(N,) -> every atom of an orbit takes the element of its first unmasked atom (else stays masked)."""
         total = atomic_numbers.shape[0]
         index = torch.arange(total, device=atomic_numbers.device)

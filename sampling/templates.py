@@ -18,7 +18,6 @@ structure, minutes for all of Alex-MP-20.
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from xtalgen.schema import ConfigError
 SYMPREC = 0.1  # Å, the evaluator's tolerance (EvaluateConfig.symprec)
 ANGLE_TOLERANCE = 5.0  # degrees, pymatgen's SpacegroupAnalyzer default (the evaluator's judge)
 IDEAL_SYMPREC = 1e-3  # Å: an idealised cell is symmetric to round-off
-_NEIGHBOUR_CELLS = np.array(list(itertools.product((-1, 0, 1), repeat=3)), dtype=float)  # (27, 3)
 
 
 class TemplateError(ConfigError):
@@ -58,15 +56,13 @@ def template_of(structure, source: str = "", symprec: float = SYMPREC) -> Symmet
         return None
     if dataset is None:
         return None
-    lattice, frac, numbers = (np.asarray(a) for a in ideal)
+    from pymatgen.core import Lattice
+
+    lattice, frac, numbers = Lattice(ideal[0]), np.asarray(ideal[1]), np.asarray(ideal[2])
     permutations = []
     for rotation, translation in zip(dataset.rotations, dataset.translations):
         image = frac @ rotation.T + translation  # (n, 3) R x_i + t
-        delta = image[:, None, :] - frac[None, :, :]
-        delta = delta - np.round(delta)
-        # nearest periodic image among the 27 neighbouring cells (a skewed cell needs more than rounding)
-        cart = (delta[:, :, None, :] + _NEIGHBOUR_CELLS) @ lattice  # (n, n, 27, 3)
-        distance = np.linalg.norm(cart, axis=-1).min(-1)  # (n, n)
+        distance = lattice.get_all_distances(image, frac)  # (n, n) shortest periodic distances, Å
         target = distance.argmin(1)
         if (distance[np.arange(len(frac)), target] > 2 * IDEAL_SYMPREC).any() \
                 or len(set(target.tolist())) != len(frac) or (numbers[target] != numbers).any():
