@@ -230,12 +230,11 @@ def _warn_if_guidance_is_unused(args: argparse.Namespace, cfg, model_cfg) -> Non
     """Guidance mixes the conditional and unconditional predictions; with no condition there is only
     the unconditional one, so a scale the user set changes nothing and would otherwise go unnoticed
     (it is still recorded in request.json and samples.jsonl, as given)."""
+    from xtalgen.sampling.driver import effective_conditions
     from xtalgen.schema import SampleConfig
 
     given = args.guidance is not None or cfg.guidance_scale != SampleConfig.guidance_scale
-    # --space-group also conditions a model fine-tuned on space_group (sampling.driver.symmetry_templates)
-    conditioned = cfg.conditions or (cfg.space_group and any(c.name == "space_group" for c in model_cfg.conditions))
-    if given and not conditioned:
+    if given and not effective_conditions(cfg, model_cfg):
         print(f"xtalgen: warning: guidance scale {cfg.guidance_scale:g} has no effect without a --condition: "
               "the samples are unconditional", file=sys.stderr)
 

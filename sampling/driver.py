@@ -298,6 +298,15 @@ def sample_to_directory(
         return SamplingSummary(out_dir, rank, world_size, made, already, seconds, report, unphysical, band)
 
 
+def effective_conditions(cfg: SampleConfig, model_cfg: ModelConfig) -> dict[str, str]:
+    """The request's conditions, plus space_group = N where `--space-group N` meets a model
+    fine-tuned on space_group and the request does not name the condition itself."""
+    if cfg.space_group and "space_group" not in cfg.conditions \
+            and any(c.name == "space_group" for c in model_cfg.conditions):
+        return {**cfg.conditions, "space_group": str(cfg.space_group)}
+    return dict(cfg.conditions)
+
+
 def symmetry_templates(cfg: SampleConfig, model_cfg: ModelConfig) -> TemplateSet | None:
     """The templates of `cfg.space_group` (None when unconstrained); a model conditioned on
     `space_group` is also given that group as its condition, unless the request names another."""
@@ -313,8 +322,7 @@ def symmetry_templates(cfg: SampleConfig, model_cfg: ModelConfig) -> TemplateSet
     asked = cfg.conditions.get("space_group")
     if asked is not None and str(asked).strip() != str(cfg.space_group):
         raise ConfigError(f"--space-group {cfg.space_group} contradicts --condition space_group={asked}")
-    if asked is None and any(c.name == "space_group" for c in model_cfg.conditions):
-        cfg.conditions = {**cfg.conditions, "space_group": str(cfg.space_group)}
+    cfg.conditions = effective_conditions(cfg, model_cfg)
     templates = read_templates(cfg.templates, cfg.space_group)
     templates.check_size(cfg.num_atoms)
     print(f"space group {cfg.space_group}: {len(templates.templates)} templates of {templates.read} structures "

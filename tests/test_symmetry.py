@@ -283,7 +283,9 @@ def test_sample_cli_with_a_space_group(tmp_path, capsys):
     request = ["--num-samples", "4", "--batch-size", "2", "--steps", "3", "--no-progress", "--guidance", "2",
                "--space-group", "12", "--templates", str(folder)]
     assert main(["sample", str(model), "--out", str(out), *request]) == 0
-    assert "space group 12: 1 templates of 5 structures" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "space group 12: 1 templates of 5 structures" in err
+    assert "guidance" not in err  # the space_group condition comes with --space-group: guidance is used
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["num_atoms"] for r in rows] == [6] * 4
     assert all(r["template"] == {"space_group": 12, "source": "c2m", "wyckoffs": rows[0]["template"]["wyckoffs"]}
