@@ -556,10 +556,10 @@ def primitive_size(structure) -> int:
 
 
 def copy_of_training(structure, candidates: list) -> bool:
-    """Does the sample match (StructureMatcher, the evaluator's settings) a training structure?"""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
+    """Does the sample match a training structure (StructureMatcher with the evaluator's settings)?"""
+    from xtalgen.evaluation.matching import MatchSettings
 
-    matcher = StructureMatcher(ltol=0.2, stol=0.3, angle_tol=5)
+    matcher = MatchSettings().matcher()
     return any(matcher.fit(structure, other) for other in candidates)
 
 
